@@ -1,0 +1,34 @@
+r"""Train and evaluate a long-tailed classifier from a config file.
+
+  python launch.py --config=configs/fashion_mnist_lt.py --workdir=/tmp/fmnist_lt
+  python launch.py --config=configs/cifar_lt.py:dataset=cifar100,ir=50,loss=la \
+      --workdir=/tmp/c100 --config.optim.lr=0.05
+
+Multi-host: pass --config.multihost=true (or run where the platform sets up
+jax.distributed, e.g. TPU pods); every process runs this same command.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  import jax
+  if config.multihost or os.environ.get("LT_JAX_DISTRIBUTED") == "1":
+    jax.distributed.initialize()
+  from lt_jax.train.trainer import train_and_evaluate
+  train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))

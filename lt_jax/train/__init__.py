@@ -1,0 +1,1 @@
+"""Training system: config validation, sharded steps, checkpoints, evaluation, reports."""

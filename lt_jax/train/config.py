@@ -1,0 +1,194 @@
+"""Config schema, variants and validation for ``launch.py`` runs.
+
+A run config is an ``ml_collections.ConfigDict`` built by ``base_config()`` and a
+dataset file in ``configs/`` (``get_config(arg)`` with ``key=value`` variants). Every
+field can be overridden on the command line (``--config.optim.lr=0.05``); unknown keys
+are rejected by ``ml_collections`` and bad values by :func:`validate`.
+
+Durations are stated in epochs and converted to steps in one place
+(:func:`steps_per_epoch`): with re-sampling, "an epoch" is always ``N // batch_size``
+steps, where N is the number of long-tailed training examples.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+DATASETS = ("fashion_mnist", "cifar10", "cifar100")
+MODELS = ("cnn", "resnet20", "resnet32", "resnet44", "resnet56", "resnet50", "resnext50")
+HEADS = ("linear", "cosine", "lws")
+SAMPLERS = ("instance", "class_balanced", "sqrt", "progressive", "class_aware", "reversed")
+SCHEDULES = ("step", "cosine", "constant")
+PROFILES = ("exp", "step", "pareto")
+
+LOSS_ALIASES = {"la": "logit_adjusted", "bs": "balanced_softmax", "cb": "cb_softmax",
+                "wce": "weighted_ce", "ls": "label_smoothing"}
+SAMPLER_ALIASES = {"cb": "class_balanced", "class": "class_balanced", "balanced": "class_balanced",
+                   "sqrt_balanced": "sqrt", "aware": "class_aware", "ib": "instance"}
+
+# Default hyper-parameters per loss (REFERENCE.md section 3); the config carries them so
+# that each one is overridable as --config.loss.hparams.<name>=<value>.
+LOSS_DEFAULTS = {
+    "ce": {},
+    "weighted_ce": {"weights": "inverse"},
+    "label_smoothing": {"epsilon": 0.1},
+    "focal": {"gamma": 1.0},
+    "sigmoid_focal": {"gamma": 2.0},
+    "cb_softmax": {"beta": 0.9999},
+    "cb_sigmoid": {"beta": 0.9999},
+    "cb_focal": {"beta": 0.9999, "gamma": 0.5},
+    "ldam": {"max_m": 0.5, "s": 30.0},
+    "logit_adjusted": {"tau": 1.0},
+    "balanced_softmax": {},
+    "generalized_la": {},
+    "eql": {},
+    "seql": {},
+    "eqlv2": {},
+    "seesaw": {},
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full schema with the standard CIFAR-LT recipe (REFERENCE.md section 1c)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.dataset = ml_collections.ConfigDict(dict(
+      name="cifar10", imbalance_ratio=100.0, profile="exp", subset_seed=0, mu=0.5,
+      pareto_shape=6.0, data_dir="", val_per_class=0))
+  c.model = ml_collections.ConfigDict(dict(name="resnet32", head="linear", cosine_scale=16.0,
+                                           dtype="float32"))
+  c.loss = ml_collections.ConfigDict(dict(name="ce", hparams=ml_collections.ConfigDict()))
+  c.sampler = ml_collections.ConfigDict(dict(name="instance", k_per_class=4))
+  c.augment = ml_collections.ConfigDict(dict(crop_pad=4, flip=True))
+  c.optim = ml_collections.ConfigDict(dict(
+      name="sgd", lr=0.1, momentum=0.9, nesterov=False, weight_decay=2e-4, schedule="step",
+      warmup_epochs=5.0, decay_epochs=(160, 180), decay_factor=0.01))
+  c.batch_size = 128
+  c.num_epochs = 200
+  c.eval_batch_size = 500
+  c.eval_every_epochs = 10
+  c.checkpoint_every_epochs = 1
+  c.keep_checkpoints = 2
+  c.log_every_steps = 50
+  c.max_steps = -1            # stop early after this many steps (-1: the full schedule)
+  c.multihost = False
+  c.num_devices = 0           # devices on the data mesh (0: all global devices)
+  c.quiet = False
+  c.plots = True
+  return c
+
+
+def parse_variant(arg: str | None) -> dict[str, str | bool]:
+  """``"dataset=cifar100,ir=50,smoke"`` -> ``{"dataset": "cifar100", "ir": "50", "smoke": True}``."""
+  out: dict[str, str | bool] = {}
+  for part in filter(None, (arg or "").split(",")):
+    key, sep, value = part.partition("=")
+    out[key.strip()] = value.strip() if sep else True
+  return out
+
+
+def apply_common_variants(c: ml_collections.ConfigDict, variant: dict, allowed: tuple[str, ...]):
+  """Applies the ``ir``/``loss``/``sampler``/``seed``/``head`` variant keys shared by configs."""
+  unknown = set(variant) - set(allowed)
+  if unknown:
+    raise ValueError(f"unknown config variant key(s) {sorted(unknown)}; valid keys: {', '.join(allowed)}")
+  if "ir" in variant:
+    c.dataset.imbalance_ratio = float(variant["ir"])
+  if "seed" in variant:
+    c.seed = int(variant["seed"])
+  if "head" in variant:
+    c.model.head = str(variant["head"])
+  if "sampler" in variant:
+    c.sampler.name = SAMPLER_ALIASES.get(variant["sampler"], variant["sampler"])
+  if "loss" in variant:
+    set_loss(c, str(variant["loss"]))
+  return c
+
+
+def set_loss(c: ml_collections.ConfigDict, name: str) -> None:
+  """Sets ``c.loss`` to ``name`` (aliases allowed) with its default hyper-parameters."""
+  name = LOSS_ALIASES.get(name, name)
+  if name not in LOSS_DEFAULTS:
+    raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(LOSS_DEFAULTS)} "
+                     f"(aliases: {', '.join(f'{k}={v}' for k, v in LOSS_ALIASES.items())})")
+  c.loss.name = name
+  c.loss.hparams = ml_collections.ConfigDict(dict(LOSS_DEFAULTS[name]))
+  if name == "ldam":  # LDAM uses a cosine classifier (NormedLinear), scale s in the loss
+    c.model.head = "cosine"
+    c.model.cosine_scale = 1.0
+
+
+def _choice(value, valid, what):
+  if value not in valid:
+    raise ValueError(f"unknown {what} {value!r}; valid choices: {', '.join(map(str, valid))}")
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """Rejects bad values with a message naming the valid choices."""
+  from lt_jax import losses  # local import: the registry is the source of truth
+  _choice(c.dataset.name, DATASETS, "dataset")
+  _choice(c.dataset.profile, PROFILES, "long-tail profile")
+  _choice(c.model.name, MODELS, "model")
+  _choice(c.model.head, HEADS, "head")
+  _choice(c.sampler.name, SAMPLERS, "sampler")
+  _choice(c.optim.schedule, SCHEDULES, "lr schedule")
+  _choice(c.optim.name, ("sgd", "adamw"), "optimizer")
+  _choice(c.model.dtype, ("float32", "bfloat16"), "model dtype")
+  if c.loss.name not in losses.LOSSES:
+    raise ValueError(f"unknown loss {c.loss.name!r}; valid losses: {', '.join(losses.LOSSES)}")
+  try:
+    losses.make_loss(c.loss.name, **c.loss.hparams.to_dict())
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"bad hyper-parameters for loss {c.loss.name!r}: {e}") from e
+  if not c.dataset.imbalance_ratio >= 1:
+    raise ValueError(f"dataset.imbalance_ratio must be >= 1, got {c.dataset.imbalance_ratio}")
+  for key in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps", "sampler.k_per_class"):
+    value = c[key] if "." not in key else c.sampler.k_per_class
+    if int(value) < 1:
+      raise ValueError(f"{key} must be >= 1, got {value}")
+  for key in ("batch_size", "eval_batch_size"):
+    if c[key] % num_devices:
+      raise ValueError(f"{key}={c[key]} is not divisible by the number of devices ({num_devices}); "
+                       f"use a multiple of {num_devices}")
+  if c.optim.lr <= 0:
+    raise ValueError(f"optim.lr must be > 0, got {c.optim.lr}")
+  if c.optim.warmup_epochs < 0 or c.optim.warmup_epochs > c.num_epochs:
+    raise ValueError(f"optim.warmup_epochs must be in [0, num_epochs], got {c.optim.warmup_epochs}")
+  if list(c.optim.decay_epochs) != sorted(c.optim.decay_epochs):
+    raise ValueError(f"optim.decay_epochs must be increasing, got {c.optim.decay_epochs}")
+
+
+def steps_per_epoch(num_train: int, batch_size: int) -> int:
+  """One epoch = one pass worth of the long-tailed training set, drop-last."""
+  if num_train < batch_size:
+    raise ValueError(f"batch_size {batch_size} exceeds the training set size {num_train}")
+  return num_train // batch_size
+
+
+# Fields that may differ between a checkpointed run and its resumption.
+RESUMABLE_FIELDS = ("quiet", "plots", "log_every_steps", "eval_every_epochs", "max_steps",
+                    "keep_checkpoints", "checkpoint_every_epochs", "eval_batch_size", "multihost", "num_devices",
+                    "dataset.data_dir")
+
+
+def incompatible_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
+  """Dotted keys whose values differ and that change the training trajectory."""
+  out = []
+  for key in sorted(set(saved) | set(current)):
+    dotted = f"{prefix}{key}"
+    if dotted in RESUMABLE_FIELDS:
+      continue
+    a, b = saved.get(key, "<missing>"), current.get(key, "<missing>")
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += incompatible_fields(a, b, dotted + ".")
+    elif _normalise(a) != _normalise(b):
+      out.append(f"{dotted}: checkpoint has {a!r}, config has {b!r}")
+  return out
+
+
+def _normalise(v):
+  if isinstance(v, (list, tuple)):
+    return [_normalise(x) for x in v]
+  if isinstance(v, (int, float)) and not isinstance(v, bool):
+    return float(v)
+  return v
