@@ -11,7 +11,9 @@ jax.distributed, e.g. TPU pods); every process runs this same command.
 import os
 import sys
 
-from absl import app, flags
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # tfds imports TensorFlow: keep its C++ logs quiet
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).", lock_config=True)
@@ -23,6 +25,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  logging.set_verbosity(logging.WARNING)  # orbax/tfds INFO lines would drown the progress bar
   import jax
   if config.multihost or os.environ.get("LT_JAX_DISTRIBUTED") == "1":
     jax.distributed.initialize()

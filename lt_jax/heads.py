@@ -122,6 +122,15 @@ def sigmoid_prior_bias_init(pi: float | None = None) -> Initializer:
 # Heads.
 
 
+def _affine(head: nn.Module, f: Array) -> Array:
+  """``f W + b`` with ``kernel`` (D, C) / ``bias`` (C,) declared on ``head`` itself (float32)."""
+  kernel = head.param("kernel", head.kernel_init, (f.shape[-1], head.num_classes), jnp.float32)
+  z = f @ kernel
+  if head.use_bias:
+    z = z + head.param("bias", head.bias_init, (head.num_classes,), jnp.float32)
+  return z
+
+
 class LinearHead(nn.Module):
   """Linear classifier ``z = W^T f + b``, ``W: (D, C)``, ``b: (C,)``.
 
@@ -146,12 +155,7 @@ class LinearHead(nn.Module):
 
   @nn.compact
   def __call__(self, features: Array) -> Array:
-    f = _check_features(features)
-    kernel = self.param("kernel", self.kernel_init, (f.shape[-1], self.num_classes), jnp.float32)
-    z = f @ kernel.astype(jnp.float32)
-    if self.use_bias:
-      z = z + self.param("bias", self.bias_init, (self.num_classes,), jnp.float32).astype(jnp.float32)
-    return z
+    return _affine(self, _check_features(features))
 
 
 def _uniform_pm1(key, shape, dtype=jnp.float32):
@@ -215,11 +219,7 @@ class LWSHead(nn.Module):
 
   @nn.compact
   def __call__(self, features: Array) -> Array:
-    f = _check_features(features)
-    kernel = self.param("kernel", self.kernel_init, (f.shape[-1], self.num_classes), jnp.float32)
-    z = f @ kernel.astype(jnp.float32)
-    if self.use_bias:
-      z = z + self.param("bias", self.bias_init, (self.num_classes,), jnp.float32).astype(jnp.float32)
+    z = _affine(self, _check_features(features))
     scales = self.param("scales", nn.initializers.ones_init(), (self.num_classes,), jnp.float32)
     return z * scales.astype(jnp.float32)
 

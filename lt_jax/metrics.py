@@ -50,16 +50,20 @@ SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "balanced_error_rate", "macro_f
                 "many_shot", "medium_shot", "few_shot", "ece", "nll")
 
 
-def _tuple_add(self, other):
+def tuple_add(self, other):
+  """Field-wise ``+`` for NamedTuples of sums (plain tuple ``+`` would concatenate).
+
+  Use as ``__add__ = tuple_add`` and ``__radd__ = tuple_radd`` on a NamedTuple of arrays.
+  """
   if not isinstance(other, type(self)):
     return NotImplemented
   return type(self)(*(a + b for a, b in zip(self, other)))
 
 
-def _tuple_radd(self, other):
+def tuple_radd(self, other):
   if isinstance(other, (int, float)) and other == 0:  # lets sum([...]) start from 0
     return self
-  return _tuple_add(self, other)
+  return tuple_add(self, other)
 
 
 class ClassCounts(NamedTuple):
@@ -74,8 +78,8 @@ class ClassCounts(NamedTuple):
   predicted: Array
   correct: Array
 
-  __add__ = _tuple_add
-  __radd__ = _tuple_radd
+  __add__ = tuple_add
+  __radd__ = tuple_radd
 
 
 class CalibrationCounts(NamedTuple):
@@ -87,8 +91,8 @@ class CalibrationCounts(NamedTuple):
   sum_conf: Array
   sum_correct: Array
 
-  __add__ = _tuple_add
-  __radd__ = _tuple_radd
+  __add__ = tuple_add
+  __radd__ = tuple_radd
 
 
 class NLLSums(NamedTuple):
@@ -96,8 +100,8 @@ class NLLSums(NamedTuple):
   total: Array
   count: Array
 
-  __add__ = _tuple_add
-  __radd__ = _tuple_radd
+  __add__ = tuple_add
+  __radd__ = tuple_radd
 
 
 # ----------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from lt_jax import losses as losses_lib
 from lt_jax import metrics as metrics_lib
 from lt_jax import samplers
 from lt_jax.data import augment
+from lt_jax.models import cpu_compiler_options
 from lt_jax.train.state import TrainState, batch_sharded
 
 
@@ -99,10 +100,10 @@ def make_train_step(model, tx: optax.GradientTransformation, loss: losses_lib.Lo
                               batch_stats=new_vars.get("batch_stats", state.batch_stats),
                               opt_state=opt_state, loss_state=loss_state)
     metrics = {"loss": value, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-               "lr": schedule(state.step), "grad_norm": optax.global_norm(grads)}
+               "lr": schedule(state.step), "grad_norm": optax.tree_utils.tree_norm(grads)}
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=(0,))
+  return jax.jit(train_step, donate_argnums=(0,), compiler_options=cpu_compiler_options())
 
 
 class EvalSums(NamedTuple):
@@ -125,7 +126,7 @@ def make_eval_step(model, num_classes: int, mean, std, mesh: Mesh, num_bins: int
         calibration=metrics_lib.calibration_counts(logits, labels, num_bins, mask=mask, from_logits=True),
         nll=metrics_lib.nll_sums(logits, labels, mask=mask, from_logits=True))
 
-  return jax.jit(eval_step)
+  return jax.jit(eval_step, compiler_options=cpu_compiler_options())
 
 
 def add_sums(a: EvalSums | None, b: EvalSums) -> EvalSums:

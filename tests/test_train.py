@@ -1,0 +1,200 @@
+"""End-to-end training system: mock cifar10 step, 2 devices vs 1, kill-and-resume, config errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from lt_jax.train import checkpoint, config as config_lib, optim
+from lt_jax.train.trainer import NonFiniteLossError, train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import cifar_lt, fashion_mnist_lt  # noqa: E402
+
+MOCK_EXAMPLES = 400
+
+
+@pytest.fixture()
+def mock_tfds():
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    yield
+
+
+def tiny_config(**overrides):
+  """A CNN on mock cifar10 (IR 4): a few steps, quiet, no plots."""
+  c = cifar_lt.get_config("smoke")
+  c.model.name = "cnn"
+  c.dataset.imbalance_ratio = 4.0
+  c.batch_size = 16
+  c.eval_batch_size = 100
+  c.num_epochs = 2
+  c.max_steps = -1
+  c.quiet = True
+  c.optim.warmup_epochs = 0.5
+  c.optim.decay_epochs = (1, 2)
+  c.checkpoint_every_epochs = 1
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def params_of(result):
+  return jax.tree.leaves(jax.device_get(result["state"].params))
+
+
+def test_cifar10_resnet_step_on_mock_data(mock_tfds, tmp_path):
+  c = cifar_lt.get_config("smoke")
+  c.quiet = True
+  c.dataset.imbalance_ratio = 4.0
+  out = train_and_evaluate(c, str(tmp_path))
+  assert out["step"] == 3
+  for key in ("accuracy", "balanced_error_rate", "balanced_accuracy", "macro_f1", "ece", "nll"):
+    assert np.isfinite(out[key]), key
+  assert out["balanced_error_rate"] == pytest.approx(1 - out["balanced_accuracy"])
+  counts = json.load(open(tmp_path / "train_counts.json"))["counts"]
+  assert counts == sorted(counts, reverse=True) and counts[0] / counts[-1] == pytest.approx(4, rel=0.1)
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert lines[-1]["split"] == "test" and lines[-1]["step"] == 3
+
+
+def test_two_devices_equal_one_device(mock_tfds, tmp_path):
+  assert len(jax.devices()) == 2
+  one = train_and_evaluate(tiny_config(num_devices=1, max_steps=4), str(tmp_path / "one"))
+  two = train_and_evaluate(tiny_config(num_devices=2, max_steps=4), str(tmp_path / "two"))
+  # Same math; only the all-reduce order of the batch sums differs (float32 round-off,
+  # amplified a little by 4 SGD steps).
+  for a, b in zip(params_of(one), params_of(two)):
+    assert np.max(np.abs(a - b)) <= 1e-3 * np.max(np.abs(a)), np.max(np.abs(a - b))
+  assert one["accuracy"] == pytest.approx(two["accuracy"], abs=0.02)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """The uninterrupted tiny run (2 epochs, 20 steps) the resume tests compare against."""
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    return train_and_evaluate(tiny_config(), str(tmp_path_factory.mktemp("reference")))
+
+
+def test_kill_and_resume_is_bit_identical(mock_tfds, reference_run, tmp_path):
+  full = reference_run
+  # Interrupted after 5 steps (mid-epoch: the last checkpoint is at the stop), then resumed.
+  part = train_and_evaluate(tiny_config(max_steps=5), str(tmp_path / "resumed"))
+  assert part["step"] == 5
+  resumed = train_and_evaluate(tiny_config(), str(tmp_path / "resumed"))
+  assert resumed["step"] == full["step"]
+  for a, b in zip(params_of(full), params_of(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sigkill_mid_run_then_resume(mock_tfds, reference_run, tmp_path):
+  """A process killed by SIGKILL after its first checkpoint resumes to the same parameters."""
+  ref = reference_run
+  workdir = tmp_path / "killed"
+  script = f"""
+import os, sys, signal
+sys.path.insert(0, {ROOT!r})
+import jax
+jax.config.update("jax_num_cpu_devices", {len(jax.devices())})
+import tensorflow_datasets as tfds
+from lt_jax.train import checkpoint
+orig = checkpoint.save
+def save_then_die(mngr, step, state, meta):
+  orig(mngr, step, state, meta)
+  mngr.wait_until_finished()
+  os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save = save_then_die
+import tests.test_train as t
+with tfds.testing.mock_data(num_examples={MOCK_EXAMPLES}):
+  from lt_jax.train.trainer import train_and_evaluate
+  train_and_evaluate(t.tiny_config(), {str(workdir)!r})
+"""
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == -9, proc.stderr[-2000:]
+  saved = sorted(os.listdir(workdir / "checkpoints"))
+  assert [s for s in saved if s.isdigit()], saved
+  resumed = train_and_evaluate(tiny_config(), str(workdir))
+  for a, b in zip(params_of(ref), params_of(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_resume_with_incompatible_config_is_refused(mock_tfds, tmp_path):
+  train_and_evaluate(tiny_config(max_steps=2), str(tmp_path))
+  with pytest.raises(checkpoint.ResumeError, match=r"loss.name: checkpoint has 'ce', config has 'focal'"):
+    c = tiny_config()
+    config_lib.set_loss(c, "focal")
+    train_and_evaluate(c, str(tmp_path))
+  # Fields that do not change training may change.
+  out = train_and_evaluate(tiny_config(max_steps=3, log_every_steps=7), str(tmp_path))
+  assert out["step"] == 3
+
+
+def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(mock_tfds, tmp_path):
+  c = tiny_config()
+  c.optim.lr = 1e30
+  c.optim.warmup_epochs = 0.0
+  with pytest.raises(NonFiniteLossError, match=r"at step \d+; the last good checkpoint"):
+    train_and_evaluate(c, str(tmp_path))
+  for name in os.listdir(tmp_path / "checkpoints"):
+    assert not name.endswith(".tmp")
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: setattr(c.dataset, "imbalance_ratio", 0.5), "imbalance_ratio must be >= 1"),
+    (lambda c: setattr(c.loss, "name", "nope"), "valid losses: ce,"),
+    (lambda c: setattr(c.sampler, "name", "nope"), "valid choices: instance, class_balanced"),
+    (lambda c: setattr(c.dataset, "name", "mnist"), "valid choices: fashion_mnist, cifar10, cifar100"),
+    (lambda c: setattr(c.model, "name", "vit"), "valid choices: cnn, resnet20"),
+    (lambda c: setattr(c, "batch_size", 33), "not divisible by the number of devices \\(2\\)"),
+    (lambda c: c.loss.hparams.update({"tau": "x"}), "bad hyper-parameters for loss 'ce'"),
+])
+def test_config_validation_errors(mutate, message):
+  c = fashion_mnist_lt.get_config()
+  mutate(c)
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(c, num_devices=2)
+
+
+def test_config_variants():
+  c = cifar_lt.get_config("dataset=cifar100,ir=50,loss=la,sampler=cb,seed=3")
+  assert (c.dataset.name, c.dataset.imbalance_ratio, c.loss.name, c.sampler.name, c.seed) == (
+      "cifar100", 50.0, "logit_adjusted", "class_balanced", 3)
+  assert c.loss.hparams.tau == 1.0
+  config_lib.validate(c)
+  with pytest.raises(ValueError, match="valid keys: dataset, ir"):
+    cifar_lt.get_config("datset=cifar100")
+  with pytest.raises(ValueError, match="valid: cifar10, cifar100"):
+    cifar_lt.get_config("dataset=svhn")
+  with pytest.raises(ValueError, match="valid losses"):
+    cifar_lt.get_config("loss=nope")
+
+
+def test_unknown_command_line_key_is_rejected():
+  proc = subprocess.run([sys.executable, "launch.py", "--config=configs/fashion_mnist_lt.py",
+                         "--workdir=/tmp/never", "--config.optim.lrr=0.1"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "lrr" in proc.stderr
+
+
+def test_standard_cifar_schedule():
+  """REFERENCE.md 1c: 0.1 after a 5-epoch warmup, x0.01 at epoch 160, x0.0001 at 180."""
+  c = cifar_lt.get_config()
+  spe = 12406 // 128
+  sched = optim.make_schedule(c.optim, spe, c.num_epochs)
+  assert float(sched(0)) == pytest.approx(0.1 / (5 * spe))
+  assert float(sched(5 * spe - 1)) == pytest.approx(0.1)
+  assert float(sched(160 * spe - 1)) == pytest.approx(0.1)
+  assert float(sched(160 * spe)) == pytest.approx(1e-3)
+  assert float(sched(180 * spe)) == pytest.approx(1e-5)
+  assert float(sched(200 * spe - 1)) == pytest.approx(1e-5)
