@@ -29,8 +29,15 @@ def main(argv):
   import jax
   if config.multihost or os.environ.get("LT_JAX_DISTRIBUTED") == "1":
     jax.distributed.initialize()
+  from lt_jax.data.prepare import DataUnavailableError
+  from lt_jax.train.checkpoint import ResumeError
+  from lt_jax.train.config import ConfigError
   from lt_jax.train.trainer import train_and_evaluate
-  train_and_evaluate(config, _WORKDIR.value)
+  try:
+    train_and_evaluate(config, _WORKDIR.value)
+  except (ConfigError, DataUnavailableError, ResumeError) as e:  # the user's to fix: no traceback
+    print(f"error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

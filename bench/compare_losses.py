@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "many_shot", "medium_shot", "few_shot", "ece")
+KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "many_shot", "medium_shot", "few_shot", "ece")  # in %
 
 
 def run(config: str, loss: str, seed: int, workdir: str, overrides: list[str]) -> dict:
@@ -29,7 +29,10 @@ def run(config: str, loss: str, seed: int, workdir: str, overrides: list[str]) -
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
   with open(summary) as f:
-    return json.load(f)
+    out = json.load(f)
+  # Wall time of training + evaluation (config.json is written at start, summary.json at the end).
+  out["minutes"] = (os.path.getmtime(summary) - os.path.getmtime(os.path.join(workdir, "config.json"))) / 60
+  return out
 
 
 def main():
@@ -43,13 +46,13 @@ def main():
   table = {}
   for loss in args.losses.split(","):
     rows = [run(args.config, loss, s, os.path.join(args.root, f"{loss}_seed{s}"), overrides) for s in seeds]
-    table[loss] = {k: [r[k] for r in rows if k in r and np.isfinite(r[k])] for k in KEYS}
+    table[loss] = {k: [r[k] for r in rows if k in r and np.isfinite(r[k])] for k in (*KEYS, "minutes")}
   print(f"\n{args.config}, seeds {seeds} (test set; mean ± std over seeds)")
-  print(f"{'loss':<10}" + "".join(f"{k:>20}" for k in KEYS))
+  print(f"{'loss':<10}" + "".join(f"{k:>20}" for k in KEYS) + f"{'minutes/run':>14}")
   for loss, cols in table.items():
     cells = "".join(f"{100 * np.mean(v):>13.2f} ± {100 * np.std(v):4.2f}" if v else f"{'n/a':>20}"
-                    for v in cols.values())
-    print(f"{loss:<10}{cells}")
+                    for k, v in cols.items() if k != "minutes")
+    print(f"{loss:<10}{cells}{np.mean(cols['minutes']):>14.1f}")
   with open(os.path.join(args.root, "table.json"), "w") as f:
     json.dump(table, f, indent=2)
 

@@ -20,7 +20,7 @@ def get_config(arg: str | None = None):
   c = cfg.base_config()
   dataset = variant.get("dataset", "cifar10")
   if dataset not in ("cifar10", "cifar100"):
-    raise ValueError(f"configs/cifar_lt.py: unknown dataset {dataset!r}; valid: cifar10, cifar100")
+    raise cfg.ConfigError(f"configs/cifar_lt.py: unknown dataset {dataset!r}; valid: cifar10, cifar100")
   c.dataset.name = dataset
   c.model.name = "resnet32"
   cfg.apply_common_variants(c, variant, ("dataset", "ir", "loss", "sampler", "head", "seed", "smoke"))

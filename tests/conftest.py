@@ -15,3 +15,8 @@ _CACHE = os.path.join(tempfile.gettempdir(), f"lt_jax_test_xla_cache_{os.getpid(
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  import shutil
+  shutil.rmtree(_CACHE, ignore_errors=True)

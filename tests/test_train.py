@@ -65,6 +65,8 @@ def test_cifar10_resnet_step_on_mock_data(mock_tfds, tmp_path):
   assert counts == sorted(counts, reverse=True) and counts[0] / counts[-1] == pytest.approx(4, rel=0.1)
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert lines[-1]["split"] == "test" and lines[-1]["step"] == 3
+  assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tensorboard"))
+  assert json.load(open(tmp_path / "config.json"))["model"]["name"] == "resnet20"
 
 
 def test_two_devices_equal_one_device(mock_tfds, tmp_path):
@@ -134,6 +136,7 @@ def test_resume_with_incompatible_config_is_refused(mock_tfds, tmp_path):
     c = tiny_config()
     config_lib.set_loss(c, "focal")
     train_and_evaluate(c, str(tmp_path))
+  assert json.load(open(tmp_path / "config.json"))["loss"]["name"] == "ce"  # record left intact
   # Fields that do not change training may change.
   out = train_and_evaluate(tiny_config(max_steps=3, log_every_steps=7), str(tmp_path))
   assert out["step"] == 3
@@ -198,3 +201,35 @@ def test_standard_cifar_schedule():
   assert float(sched(160 * spe)) == pytest.approx(1e-3)
   assert float(sched(180 * spe)) == pytest.approx(1e-5)
   assert float(sched(200 * spe - 1)) == pytest.approx(1e-5)
+
+
+def test_batch_indices_for_every_sampler():
+  """The on-device batch draw: epochs for 'instance', class frequencies for the others."""
+  import jax.numpy as jnp
+  from lt_jax import samplers
+  from lt_jax.train import steps
+  counts = np.array([40, 20, 10, 5])
+  labels = np.repeat(np.arange(4), counts)
+  data = steps.TrainData(images=None, labels=jnp.asarray(labels), index=samplers.build_index(labels, 4))
+  key = jax.random.key(0)
+
+  def draws(name, num_steps, batch=5, k=2):
+    sc = steps.StepConfig(batch_size=batch, steps_per_epoch=len(labels) // batch, num_epochs=4, sampler=name,
+                          k_per_class=k, crop_pad=0, flip=False, mean=(0.,), std=(1.,))
+    fn = jax.jit(lambda s: steps.batch_indices(key, s, data, jnp.asarray(counts, jnp.float32), sc))
+    return np.stack([np.asarray(fn(jnp.int32(s))) for s in range(num_steps)])
+
+  epoch = draws("instance", 15).reshape(-1)  # 75 examples, 15 steps of 5 = one epoch
+  assert sorted(epoch) == list(range(75))
+  assert not np.array_equal(epoch, draws("instance", 30).reshape(-1)[75:])  # next epoch reshuffled
+  cb = np.bincount(labels[draws("class_balanced", 400).reshape(-1)], minlength=4) / 2000
+  np.testing.assert_allclose(cb, 0.25, atol=0.04)
+  sq = np.bincount(labels[draws("sqrt", 400).reshape(-1)], minlength=4) / 2000
+  np.testing.assert_allclose(sq, np.sqrt(counts) / np.sqrt(counts).sum(), atol=0.04)
+  rev = np.bincount(labels[draws("reversed", 400).reshape(-1)], minlength=4) / 2000
+  np.testing.assert_allclose(rev, (40 / counts) / (40 / counts).sum(), atol=0.04)
+  aware = labels[draws("class_aware", 4, batch=8, k=2).reshape(-1)]  # 4 rounds of 4 classes x 2
+  for r in range(4):
+    assert sorted(np.bincount(aware[8 * r:8 * r + 8], minlength=4)) == [2, 2, 2, 2]
+  prog_first = np.bincount(labels[draws("progressive", 15).reshape(-1)], minlength=4)
+  assert prog_first[0] > prog_first[3]  # epoch 0 of progressive is instance-balanced

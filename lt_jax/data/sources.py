@@ -32,6 +32,7 @@ Normalisation constants (``DatasetSpec.mean``/``std``, on pixel/255):
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 from typing import NamedTuple
@@ -49,6 +50,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _READ_BATCH = 10_000
+
+# tfds 4.9 logs a deprecation line per feature on every read (its own internal API use).
+logging.getLogger("absl").addFilter(lambda record: "TensorInfo.dtype" not in record.getMessage())
 _CACHE_FORMAT = "v1"  # bump when the cached arrays' content or order changes
 
 

@@ -78,6 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+class ConfigError(ValueError):
+  """A config value is invalid (the message names the valid choices)."""
+
+
 def parse_variant(arg: str | None) -> dict[str, str | bool]:
   """``"dataset=cifar100,ir=50,smoke"`` -> ``{"dataset": "cifar100", "ir": "50", "smoke": True}``."""
   out: dict[str, str | bool] = {}
@@ -91,7 +95,7 @@ def apply_common_variants(c: ml_collections.ConfigDict, variant: dict, allowed: 
   """Applies the ``ir``/``loss``/``sampler``/``seed``/``head`` variant keys shared by configs."""
   unknown = set(variant) - set(allowed)
   if unknown:
-    raise ValueError(f"unknown config variant key(s) {sorted(unknown)}; valid keys: {', '.join(allowed)}")
+    raise ConfigError(f"unknown config variant key(s) {sorted(unknown)}; valid keys: {', '.join(allowed)}")
   if "ir" in variant:
     c.dataset.imbalance_ratio = float(variant["ir"])
   if "seed" in variant:
@@ -109,7 +113,7 @@ def set_loss(c: ml_collections.ConfigDict, name: str) -> None:
   """Sets ``c.loss`` to ``name`` (aliases allowed) with its default hyper-parameters."""
   name = LOSS_ALIASES.get(name, name)
   if name not in LOSS_DEFAULTS:
-    raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(LOSS_DEFAULTS)} "
+    raise ConfigError(f"unknown loss {name!r}; valid losses: {', '.join(LOSS_DEFAULTS)} "
                      f"(aliases: {', '.join(f'{k}={v}' for k, v in LOSS_ALIASES.items())})")
   c.loss.name = name
   c.loss.hparams = ml_collections.ConfigDict(dict(LOSS_DEFAULTS[name]))
@@ -120,7 +124,7 @@ def set_loss(c: ml_collections.ConfigDict, name: str) -> None:
 
 def _choice(value, valid, what):
   if value not in valid:
-    raise ValueError(f"unknown {what} {value!r}; valid choices: {', '.join(map(str, valid))}")
+    raise ConfigError(f"unknown {what} {value!r}; valid choices: {', '.join(map(str, valid))}")
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
@@ -135,33 +139,34 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _choice(c.optim.name, ("sgd", "adamw"), "optimizer")
   _choice(c.model.dtype, ("float32", "bfloat16"), "model dtype")
   if c.loss.name not in losses.LOSSES:
-    raise ValueError(f"unknown loss {c.loss.name!r}; valid losses: {', '.join(losses.LOSSES)}")
+    raise ConfigError(f"unknown loss {c.loss.name!r}; valid losses: {', '.join(losses.LOSSES)}")
   try:
     losses.make_loss(c.loss.name, **c.loss.hparams.to_dict())
   except (TypeError, ValueError) as e:
-    raise ValueError(f"bad hyper-parameters for loss {c.loss.name!r}: {e}") from e
+    raise ConfigError(f"bad hyper-parameters for loss {c.loss.name!r}: {e}") from e
   if not c.dataset.imbalance_ratio >= 1:
-    raise ValueError(f"dataset.imbalance_ratio must be >= 1, got {c.dataset.imbalance_ratio}")
-  for key in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps", "sampler.k_per_class"):
-    value = c[key] if "." not in key else c.sampler.k_per_class
+    raise ConfigError(f"dataset.imbalance_ratio must be >= 1, got {c.dataset.imbalance_ratio}")
+  positive = {"batch_size": c.batch_size, "eval_batch_size": c.eval_batch_size, "num_epochs": c.num_epochs,
+              "log_every_steps": c.log_every_steps, "sampler.k_per_class": c.sampler.k_per_class}
+  for key, value in positive.items():
     if int(value) < 1:
-      raise ValueError(f"{key} must be >= 1, got {value}")
+      raise ConfigError(f"{key} must be >= 1, got {value}")
   for key in ("batch_size", "eval_batch_size"):
     if c[key] % num_devices:
-      raise ValueError(f"{key}={c[key]} is not divisible by the number of devices ({num_devices}); "
+      raise ConfigError(f"{key}={c[key]} is not divisible by the number of devices ({num_devices}); "
                        f"use a multiple of {num_devices}")
   if c.optim.lr <= 0:
-    raise ValueError(f"optim.lr must be > 0, got {c.optim.lr}")
+    raise ConfigError(f"optim.lr must be > 0, got {c.optim.lr}")
   if c.optim.warmup_epochs < 0 or c.optim.warmup_epochs > c.num_epochs:
-    raise ValueError(f"optim.warmup_epochs must be in [0, num_epochs], got {c.optim.warmup_epochs}")
+    raise ConfigError(f"optim.warmup_epochs must be in [0, num_epochs], got {c.optim.warmup_epochs}")
   if list(c.optim.decay_epochs) != sorted(c.optim.decay_epochs):
-    raise ValueError(f"optim.decay_epochs must be increasing, got {c.optim.decay_epochs}")
+    raise ConfigError(f"optim.decay_epochs must be increasing, got {c.optim.decay_epochs}")
 
 
 def steps_per_epoch(num_train: int, batch_size: int) -> int:
   """One epoch = one pass worth of the long-tailed training set, drop-last."""
   if num_train < batch_size:
-    raise ValueError(f"batch_size {batch_size} exceeds the training set size {num_train}")
+    raise ConfigError(f"batch_size {batch_size} exceeds the training set size {num_train}")
   return num_train // batch_size
 
 

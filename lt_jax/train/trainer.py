@@ -85,11 +85,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f"{len(ds.test_labels)} test, {num_classes} classes), model={config.model.name}/{config.model.head}, "
       f"loss={config.loss.name}, sampler={config.sampler.name}, devices={mesh.size}, "
       f"{spe} steps/epoch x {config.num_epochs} epochs")
-  if is_main:
-    report.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    report.write_json(os.path.join(workdir, "train_counts.json"),
-                      {"counts": counts.tolist(), "prior": np.asarray(priors.prior(counts)).tolist()})
-
   model = build_model(config, num_classes)
   loss = losses.make_loss(config.loss.name, **config.loss.hparams.to_dict())
   schedule = optim.make_schedule(config.optim, spe, config.num_epochs)
@@ -101,6 +96,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if restored is not None:
     state = restored
     log(f"resumed from {mngr.directory} at step {int(state.step)} (epoch {meta['epoch']})")
+  if is_main:  # after the resume check, so a refused resume leaves the workdir's record intact
+    report.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    report.write_json(os.path.join(workdir, "train_counts.json"),
+                      {"counts": counts.tolist(), "prior": np.asarray(priors.prior(counts)).tolist()})
 
   rep = replicated(mesh)
   data = steps.TrainData(images=put_global(ds.train_images, rep), labels=put_global(ds.train_labels, rep),
@@ -156,26 +155,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if bar is not None:
     bar.close()
   mngr.wait_until_finished()
-  if mngr.latest_step() != step and step > 0:  # e.g. resumed at the end: make sure it is saved
-    checkpoint.save(mngr, step, state, checkpoint_meta(step, last_metrics))
-    mngr.wait_until_finished()
+  mngr.close()
 
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  sums = evaluate(eval_step, variables, ds.test_images, ds.test_labels, config.eval_batch_size, mesh)
+  sums = evaluate(eval_step, {"params": state.params, "batch_stats": state.batch_stats},
+                  ds.test_images, ds.test_labels, config.eval_batch_size, mesh)
   summary = summarize(sums, counts)
   writer.write(step, "test", summary)
   writer.close()
   if is_main:
-    cm = np.asarray(jax.device_get(sums.confusion))
-    summary_path = os.path.join(workdir, "summary.json")
-    report.write_json(summary_path, {"step": step, **summary,
-                                     "per_class_accuracy": metrics.per_class_recall(cm).tolist()})
-    log(report.summary_table(summary, f"{ds.name}-LT test set, step {step}"))
-    if config.plots:
-      kernel = state.params.get("head", {}).get("kernel") if isinstance(state.params, dict) else None
-      norms = None if kernel is None else np.asarray(heads.weight_norms(kernel))
-      paths = report.save_plots(workdir, counts, np.asarray(metrics.per_class_recall(cm)), norms, cm,
-                                getattr(ds, "class_names", None))
-      log("plots: " + ", ".join(paths))
-  mngr.close()
+    final_report(workdir, config, ds, state, sums, summary, step, log)
   return {"step": step, **summary, "state": state}
+
+
+def final_report(workdir: str, config, ds, state: TrainState, sums: steps.EvalSums,
+                 summary: dict[str, float], step: int, log) -> None:
+  """``summary.json``, the summary table on stdout and the PNG plots (process 0 only)."""
+  cm = np.asarray(jax.device_get(sums.confusion))
+  per_class = np.asarray(metrics.per_class_recall(cm))
+  report.write_json(os.path.join(workdir, "summary.json"),
+                    {"step": step, **summary, "per_class_accuracy": per_class.tolist()})
+  log(report.summary_table(summary, f"{ds.name}-LT test set, step {step}"))
+  if config.plots:
+    kernel = state.params.get("head", {}).get("kernel")
+    norms = None if kernel is None else np.asarray(heads.weight_norms(kernel))
+    paths = report.save_plots(workdir, np.asarray(ds.counts), per_class, norms, cm, ds.class_names)
+    log("plots: " + ", ".join(paths))
