@@ -195,7 +195,7 @@ class CosineHead(nn.Module):
     return self.scale * (f_n @ w_n)
 
 
-class LWSHead(nn.Module):
+class LWSHead(LinearHead):
   """Learnable Weight Scaling ``z = (W^T f + b) * s``, ``s: (C,)`` initialised to 1.
 
   Kang et al., "Decoupling Representation and Classifier for Long-Tailed Recognition",
@@ -211,11 +211,6 @@ class LWSHead(nn.Module):
     use_bias: include ``b`` (match the :class:`LinearHead` it is built from).
     kernel_init, bias_init: as :class:`LinearHead` (unused when loading a trained head).
   """
-
-  num_classes: int
-  use_bias: bool = True
-  kernel_init: Initializer = nn.initializers.lecun_normal()
-  bias_init: Initializer = nn.initializers.zeros_init()
 
   @nn.compact
   def __call__(self, features: Array) -> Array:

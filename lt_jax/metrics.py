@@ -130,7 +130,8 @@ def _hard_preds(preds) -> Array:
   return _int_labels(p, "preds")
 
 
-def _mask(mask, n: int) -> Array:
+def as_mask(mask, n: int) -> Array:
+  """Boolean ``(n,)`` example mask (``None``: all valid); a wrong shape raises ``ValueError``."""
   if mask is None:
     return jnp.ones((n,), bool)
   m = jnp.asarray(mask)
@@ -145,7 +146,7 @@ def _valid(labels, preds, num_classes, mask):
   if p.shape != y.shape:
     raise ValueError(f"preds and labels disagree in length: {p.shape} vs {y.shape}")
   C = num_classes
-  ok = _mask(mask, y.shape[0]) & (y >= 0) & (y < C) & (p >= 0) & (p < C)
+  ok = as_mask(mask, y.shape[0]) & (y >= 0) & (y < C) & (p >= 0) & (p < C)
   return y, p, ok
 
 
@@ -336,7 +337,7 @@ def calibration_counts(probs: Array, labels: Array, num_bins: int = 15, mask: Ar
   p = _probs(probs, from_logits)
   y = _int_labels(labels)
   C = p.shape[-1]
-  ok = _mask(mask, y.shape[0]) & (y >= 0) & (y < C)
+  ok = as_mask(mask, y.shape[0]) & (y >= 0) & (y < C)
   conf = jnp.max(p, axis=-1)
   correct = (jnp.argmax(p, axis=-1) == y).astype(jnp.float32)
   inner = jnp.linspace(0.0, 1.0, num_bins + 1, dtype=jnp.float32)[1:-1]
@@ -378,7 +379,7 @@ def nll_sums(logits_or_probs: Array, labels: Array, mask: Array | None = None,
     raise ValueError(f"expected (B, C) logits or probabilities, got shape {x.shape}")
   y = _int_labels(labels)
   C = x.shape[-1]
-  ok = _mask(mask, y.shape[0]) & (y >= 0) & (y < C)
+  ok = as_mask(mask, y.shape[0]) & (y >= 0) & (y < C)
   ys = jnp.clip(y, 0, C - 1)[:, None]
   if from_logits:
     per = -jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), ys, axis=-1)[:, 0]
@@ -439,7 +440,7 @@ def auc_ovr(probs: Array, labels: Array, mask: Array | None = None, average: str
     raise ValueError(f"probs must be (B, C), got shape {s.shape}")
   y = _int_labels(labels)
   C = s.shape[-1]
-  ok = _mask(mask, y.shape[0]) & (y >= 0) & (y < C)
+  ok = as_mask(mask, y.shape[0]) & (y >= 0) & (y < C)
   pos = (y[:, None] == jnp.arange(C)[None, :]) & ok[:, None]  # (B, C)
   two_u = jax.vmap(_auc_column, in_axes=(1, 1, None))(s, pos, ok)
   n_pos = jnp.sum(pos, axis=0).astype(jnp.float32)

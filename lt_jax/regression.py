@@ -92,14 +92,6 @@ def _check_num(name: str, n) -> int:
   return int(n)
 
 
-def _mask(mask, n: int) -> Array:
-  if mask is None:
-    return jnp.ones((n,), bool)
-  m = jnp.asarray(mask)
-  if m.shape != (n,):
-    raise ValueError(f"mask must have shape ({n},), got {m.shape}")
-  return m.astype(bool)
-
 
 def _ids(bin_ids, num_bins: int, mask) -> tuple[Array, Array]:
   """Integer bin ids with invalid entries (masked, or outside ``[0, B)``) sent to ``B`` (dropped)."""
@@ -107,7 +99,7 @@ def _ids(bin_ids, num_bins: int, mask) -> tuple[Array, Array]:
   if b.ndim != 1 or not jnp.issubdtype(b.dtype, jnp.integer):
     raise ValueError(f"bin_ids must be a 1-D integer array, got shape {b.shape} dtype {b.dtype}")
   b = b.astype(jnp.int32)
-  ok = _mask(mask, b.shape[0]) & (b >= 0) & (b < num_bins)
+  ok = metrics.as_mask(mask, b.shape[0]) & (b >= 0) & (b < num_bins)
   return jnp.where(ok, b, num_bins), ok
 
 
@@ -326,7 +318,7 @@ def lds_weights(targets: Array, bins: Array, reweight: str = "sqrt_inv", lds: bo
   train step, keep the ``(B,)`` table of :func:`lds_bin_weights` and look weights up per batch.
   """
   y = _f32(targets).reshape(-1)
-  m = _mask(mask, y.shape[0])
+  m = metrics.as_mask(mask, y.shape[0])
   table = lds_bin_weights(label_histogram(y, bins, m), reweight, lds, kernel, ks, sigma, clip)
   return jnp.where(m, table[bin_index(y, bins)], 0.0)
 
@@ -626,7 +618,7 @@ def balanced_mse(pred: Array, target: Array, noise_var: Array | float,
   B = p.shape[0]
   p2, t2 = p.reshape(B, -1), t.reshape(B, -1)
   v = _f32(noise_var)
-  m = _mask(mask, B)
+  m = metrics.as_mask(mask, B)
   d2 = jnp.sum((p2[:, None, :] - t2[None, :, :]) ** 2, axis=-1)  # (B, B)
   logits = jnp.where(m[None, :], -d2 / (2.0 * v), -1e30)
   ce = jax.nn.logsumexp(logits, axis=1) - jnp.diagonal(logits)
@@ -643,7 +635,7 @@ def weighted(per_example: Array, weights: Array, mask: Array | None = None) -> A
   x, w = _f32(per_example), _f32(weights)
   if x.shape != w.shape or x.ndim != 1:
     raise ValueError(f"per_example and weights must both be (B,), got {x.shape} and {w.shape}")
-  m = _mask(mask, x.shape[0]).astype(jnp.float32)
+  m = metrics.as_mask(mask, x.shape[0]).astype(jnp.float32)
   num = jnp.sum(jnp.where(m > 0, w * x, 0.0))
   return _safe_div(num, jnp.sum(m))
 
