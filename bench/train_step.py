@@ -26,7 +26,6 @@ Reproduce:  python bench/train_step.py            (about 3 minutes on 2 cores)
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time

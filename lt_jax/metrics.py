@@ -154,6 +154,12 @@ def _valid(labels, preds, num_classes, mask):
 # Counting.
 # ----------------------------------------------------------------------------------------
 
+def _valid_labels(labels, mask, num_classes: int) -> tuple[Array, Array]:
+  """Int labels and which examples count: unmasked with a label in ``[0, C)``."""
+  y = _int_labels(labels)
+  return y, as_mask(mask, y.shape[0]) & (y >= 0) & (y < num_classes)
+
+
 def confusion_matrix(labels: Array, preds: Array, num_classes: int, mask: Array | None = None) -> Array:
   """Confusion matrix ``M[i, j] = #{n : y_n = i, yhat_n = j}``, ``(C, C)`` int32.
 
@@ -335,9 +341,7 @@ def calibration_counts(probs: Array, labels: Array, num_bins: int = 15, mask: Ar
   if not isinstance(num_bins, (int, np.integer)) or num_bins < 1:
     raise ValueError(f"num_bins must be a static positive int, got {num_bins!r}")
   p = _probs(probs, from_logits)
-  y = _int_labels(labels)
-  C = p.shape[-1]
-  ok = as_mask(mask, y.shape[0]) & (y >= 0) & (y < C)
+  y, ok = _valid_labels(labels, mask, p.shape[-1])
   conf = jnp.max(p, axis=-1)
   correct = (jnp.argmax(p, axis=-1) == y).astype(jnp.float32)
   inner = jnp.linspace(0.0, 1.0, num_bins + 1, dtype=jnp.float32)[1:-1]
@@ -377,9 +381,8 @@ def nll_sums(logits_or_probs: Array, labels: Array, mask: Array | None = None,
   x = jnp.asarray(logits_or_probs, jnp.float32)
   if x.ndim != 2:
     raise ValueError(f"expected (B, C) logits or probabilities, got shape {x.shape}")
-  y = _int_labels(labels)
+  y, ok = _valid_labels(labels, mask, x.shape[-1])
   C = x.shape[-1]
-  ok = as_mask(mask, y.shape[0]) & (y >= 0) & (y < C)
   ys = jnp.clip(y, 0, C - 1)[:, None]
   if from_logits:
     per = -jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), ys, axis=-1)[:, 0]
@@ -438,9 +441,8 @@ def auc_ovr(probs: Array, labels: Array, mask: Array | None = None, average: str
   s = jnp.asarray(probs, jnp.float32)
   if s.ndim != 2:
     raise ValueError(f"probs must be (B, C), got shape {s.shape}")
-  y = _int_labels(labels)
+  y, ok = _valid_labels(labels, mask, s.shape[-1])
   C = s.shape[-1]
-  ok = as_mask(mask, y.shape[0]) & (y >= 0) & (y < C)
   pos = (y[:, None] == jnp.arange(C)[None, :]) & ok[:, None]  # (B, C)
   two_u = jax.vmap(_auc_column, in_axes=(1, 1, None))(s, pos, ok)
   n_pos = jnp.sum(pos, axis=0).astype(jnp.float32)

@@ -51,10 +51,7 @@ def get_model(name: str, num_classes: int = 10, head: str = "linear", **kw: Any)
     raise ValueError(f"unknown model {name!r}; valid names: {MODELS}")
   if head not in HEADS:
     raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-  if "conv_impl" in kw:
-    kw["conv_impl"] = resolve_conv_impl(kw["conv_impl"])
-  else:
-    kw["conv_impl"] = resolve_conv_impl("auto")
+  kw["conv_impl"] = resolve_conv_impl(kw.get("conv_impl", "auto"))
   if "bn_impl" in kw and kw["bn_impl"] not in BN_IMPLS:
     raise ValueError(f"bn_impl must be one of {BN_IMPLS}, got {kw['bn_impl']!r}")
   if name in _CIFAR_DEPTH:

@@ -15,13 +15,11 @@ normal (fan_in) init like the CIFAR ResNets; BN momentum 0.9, eps 1e-5.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from lt_jax.models.layers import (Conv, batch_norm, kaiming_normal, make_head, resolve_conv_impl,
+from lt_jax.models.layers import (Backbone, Conv, batch_norm, kaiming_normal, resolve_conv_impl,
                                   resolve_dtype)
 
 Array = jax.Array
@@ -40,7 +38,7 @@ def max_pool_2x2(x: Array) -> Array:
   return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(Backbone):
   """``__call__(x, train) -> (logits (B, C) float32, features (B, feature_dim) float32)``.
 
   Attributes:
@@ -55,13 +53,6 @@ class SmallCNN(nn.Module):
   ``{'conv1', 'bn1', 'conv2', 'bn2', 'conv3', 'bn3', 'conv4', 'bn4', 'fc', 'bn_fc', 'head'}``.
   """
 
-  num_classes: int = 10
-  head: str = "linear"
-  cosine_scale: float = 1.0
-  head_bias: bool = True
-  dtype: Any = jnp.float32
-  conv_impl: str = "auto"
-  bn_impl: str = "fused"
   widths: tuple[int, int] = (32, 64)
   feature_dim: int = 128
 
@@ -83,5 +74,5 @@ class SmallCNN(nn.Module):
     x = nn.Dense(self.feature_dim, use_bias=False, kernel_init=kaiming_normal, dtype=dtype,
                  param_dtype=jnp.float32, name="fc")(x)
     features = nn.relu(batch_norm(train, dtype, "bn_fc", self.bn_impl)(x)).astype(jnp.float32)
-    logits = make_head(self.head, self.num_classes, self.cosine_scale, self.head_bias)(features)
+    logits = self.head_module()(features)
     return logits, features

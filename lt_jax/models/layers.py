@@ -369,6 +369,25 @@ def make_head(head: str, num_classes: int, cosine_scale: float = 1.0, head_bias:
   raise ValueError(f"head must be one of {HEADS}, got {head!r}")
 
 
+class Backbone(nn.Module):
+  """Fields every lt_jax model shares: classifier head choice, compute dtype, conv/BN kernels.
+
+  Subclasses add their architecture fields and return ``(logits, features)`` from
+  ``__call__``, building the classifier with :meth:`head_module` (named ``'head'``).
+  """
+
+  num_classes: int = 10
+  head: str = "linear"
+  cosine_scale: float = 1.0
+  head_bias: bool = True
+  dtype: Any = jnp.float32
+  conv_impl: str = "auto"
+  bn_impl: str = "fused"
+
+  def head_module(self) -> nn.Module:
+    return make_head(self.head, self.num_classes, self.cosine_scale, self.head_bias)
+
+
 def global_avg_pool(x: Array) -> Array:
   """Mean over H and W in float32: ``(B, H, W, C) -> (B, C)``."""
   return jnp.mean(x.astype(jnp.float32), axis=(1, 2))

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from lt_jax.models.layers import (Conv, batch_norm, global_avg_pool, kaiming_normal_fan_out,
-                                  make_head, resolve_conv_impl, resolve_dtype)
+from lt_jax.models.layers import (Backbone, Conv, batch_norm, global_avg_pool, kaiming_normal_fan_out,
+                                  resolve_conv_impl, resolve_dtype)
 
 Array = jax.Array
 
@@ -66,7 +66,7 @@ class Bottleneck(nn.Module):
     return nn.relu(y + x.astype(y.dtype))
 
 
-class ResNet(nn.Module):
+class ResNet(Backbone):
   """Bottleneck ResNet / ResNeXt; ``__call__(x, train) -> (logits (B, C), features (B, 2048))``.
 
   Attributes:
@@ -86,12 +86,6 @@ class ResNet(nn.Module):
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   groups: int = 1
   width_per_group: int = 64
-  head: str = "linear"
-  cosine_scale: float = 1.0
-  head_bias: bool = True
-  dtype: Any = jnp.float32
-  conv_impl: str = "auto"
-  bn_impl: str = "fused"
   zero_init_residual: bool = False
 
   @nn.compact
@@ -108,5 +102,5 @@ class ResNet(nn.Module):
                        self.zero_init_residual, impl, self.bn_impl, dtype,
                        name=f"stage{s + 1}_block{k}")(x, train)
     features = global_avg_pool(x)
-    logits = make_head(self.head, self.num_classes, self.cosine_scale, self.head_bias)(features)
+    logits = self.head_module()(features)
     return logits, features

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from lt_jax.models.layers import (Conv, batch_norm, global_avg_pool, make_head,
+from lt_jax.models.layers import (Backbone, Conv, batch_norm, global_avg_pool,
                                   resolve_conv_impl, resolve_dtype)
 
 Array = jax.Array
@@ -83,7 +83,7 @@ class BasicBlock(nn.Module):
     return nn.relu(y + option_a_shortcut(x, self.planes, self.stride).astype(y.dtype))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(Backbone):
   """ResNet-{20,32,44,56,110} for 32x32 inputs; ``__call__(x, train) -> (logits, features)``.
 
   Attributes:
@@ -103,14 +103,7 @@ class CifarResNet(nn.Module):
   ``{'conv_init', 'bn_init', 'stage{1,2,3}_block{k}', ['cb_block', 'rb_block'], 'head'}``.
   """
 
-  num_classes: int = 10
   depth: int = 32
-  head: str = "linear"
-  cosine_scale: float = 1.0
-  head_bias: bool = True
-  dtype: Any = jnp.float32
-  conv_impl: str = "auto"
-  bn_impl: str = "fused"
   bbn: bool = False
   widths: tuple[int, int, int] = (16, 32, 64)
 
@@ -185,7 +178,7 @@ class CifarResNet(nn.Module):
       else:
         a = jnp.asarray(alpha, jnp.float32)
         features = jnp.concatenate([2.0 * a * f_cb, 2.0 * (1.0 - a) * f_rb], axis=-1)
-    logits = make_head(self.head, self.num_classes, self.cosine_scale, self.head_bias)(features)
+    logits = self.head_module()(features)
     return logits, features
 
 
