@@ -9,7 +9,7 @@ lr x0.01 at epoch 160 and x0.0001 at 180; pad-4 crop + flip; exp profile, subset
 
 Variant keys: dataset=cifar10|cifar100, ir=<float>, loss=<registry name or alias>,
 sampler=instance|class_balanced|sqrt|progressive|class_aware|reversed, head=linear|cosine|lws,
-seed=<int>, smoke.
+seed=<int>, mix=mixup|cutmix|remix, bbn, stages=crt+lws+tau_norm+ncm+posthoc, epochs=<int>, smoke.
 """
 
 from lt_jax.train import config as cfg
@@ -23,7 +23,6 @@ def get_config(arg: str | None = None):
     raise cfg.ConfigError(f"configs/cifar_lt.py: unknown dataset {dataset!r}; valid: cifar10, cifar100")
   c.dataset.name = dataset
   c.model.name = "resnet32"
-  cfg.apply_common_variants(c, variant, ("dataset", "ir", "loss", "sampler", "head", "seed", "smoke"))
   if variant.get("smoke"):
     c.model.name = "resnet20"
     c.batch_size = 32
@@ -34,4 +33,6 @@ def get_config(arg: str | None = None):
     c.optim.decay_epochs = (1, 1)
     c.eval_every_epochs = 1
     c.plots = False
+    c.stage.crt.num_epochs = c.stage.lws.num_epochs = 1
+  cfg.apply_common_variants(c, variant, cfg.COMMON_VARIANTS + ("dataset", "smoke"))
   return c

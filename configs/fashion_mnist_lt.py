@@ -6,7 +6,13 @@ Runs offline on a 2-core CPU in under 15 minutes (Fashion-MNIST comes from Debia
   python launch.py --config=configs/fashion_mnist_lt.py --workdir=/tmp/fmnist_lt
   python launch.py --config=configs/fashion_mnist_lt.py:loss=la,seed=1 --workdir=/tmp/fmnist_la1
 
-Variant keys: ir, loss, sampler, head, seed, smoke.
+Variant keys: ir, loss (a registry name, alias or recipe such as ldam_drw), sampler, head,
+seed, mix=mixup|cutmix|remix, bbn, stages=crt+tau_norm+..., epochs=<int> (scales the
+schedule), smoke.
+
+  python launch.py --config=configs/fashion_mnist_lt.py:loss=ldam_drw --workdir=/tmp/fm_ldam
+  python launch.py --config=configs/fashion_mnist_lt.py:stages=crt+tau_norm+ncm+posthoc \
+      --config.dataset.val_per_class=20 --workdir=/tmp/fm_decoupled  # joint CE, then stages
 """
 
 from lt_jax.train import config as cfg
@@ -28,7 +34,8 @@ def get_config(arg: str | None = None):
   c.optim.decay_epochs = (12, 15)
   c.optim.decay_factor = 0.1
   c.eval_every_epochs = 4
-  cfg.apply_common_variants(c, variant, ("ir", "loss", "sampler", "head", "seed", "smoke"))
+  c.stage.crt.num_epochs = 2
+  c.stage.lws.num_epochs = 2
   if variant.get("smoke"):
     c.num_epochs = 1
     c.max_steps = 5
@@ -38,4 +45,6 @@ def get_config(arg: str | None = None):
     c.optim.decay_epochs = (1, 1)
     c.eval_every_epochs = 1
     c.plots = False
+    c.stage.crt.num_epochs = c.stage.lws.num_epochs = 1
+  cfg.apply_common_variants(c, variant, cfg.COMMON_VARIANTS + ("smoke",))
   return c

@@ -421,7 +421,7 @@ def test_get_model_errors_and_defaults():
   with pytest.raises(ValueError, match="linear"):
     models.get_model("resnet32", head="softmax")
   with pytest.raises(ValueError, match="bbn"):
-    models.get_model("cnn", bbn=True)
+    models.get_model("resnet50", bbn=True)
   with pytest.raises(ValueError, match="im2col"):
     models.get_model("resnet32", conv_impl="winograd")
   with pytest.raises(ValueError, match="fused"):

@@ -55,24 +55,61 @@ class SmallCNN(Backbone):
 
   widths: tuple[int, int] = (32, 64)
   feature_dim: int = 128
+  bbn: bool = False
 
-  @nn.compact
-  def __call__(self, x: Array, train: bool) -> tuple[Array, Array]:
-    impl = resolve_conv_impl(self.conv_impl)
-    dtype = resolve_dtype(self.dtype)
-    if x.ndim == 3:  # (B, H, W) grey images
-      x = x[..., None]
-    x = x.astype(dtype)
-    k = 0
+  def _trunk_layers(self, train: bool, impl: str, dtype) -> list:
+    """The conv trunk's modules, created once so BBN's two inputs share them."""
+    layers, k = [], 0
     for width in self.widths:
       for _ in range(2):
         k += 1
-        x = Conv(width, 3, 1, 1, conv_impl=impl, dtype=dtype, name=f"conv{k}")(x)
-        x = nn.relu(batch_norm(train, dtype, f"bn{k}", self.bn_impl)(x))
-      x = max_pool_2x2(x)
-    x = x.reshape(x.shape[0], -1)
-    x = nn.Dense(self.feature_dim, use_bias=False, kernel_init=kaiming_normal, dtype=dtype,
-                 param_dtype=jnp.float32, name="fc")(x)
-    features = nn.relu(batch_norm(train, dtype, "bn_fc", self.bn_impl)(x)).astype(jnp.float32)
+        layers.append((Conv(width, 3, 1, 1, conv_impl=impl, dtype=dtype, name=f"conv{k}"),
+                       batch_norm(train, dtype, f"bn{k}", self.bn_impl)))
+    return layers
+
+  @staticmethod
+  def _trunk(layers: list, x: Array, dtype) -> Array:
+    if x.ndim == 3:  # (B, H, W) grey images
+      x = x[..., None]
+    x = x.astype(dtype)
+    for i, (conv, bn) in enumerate(layers):
+      x = nn.relu(bn(conv(x)))
+      if i % 2 == 1:  # two convs per stage, then 2x2 max pooling
+        x = max_pool_2x2(x)
+    return x.reshape(x.shape[0], -1)
+
+  def _branch(self, h: Array, train: bool, dtype, suffix: str) -> Array:
+    h = nn.Dense(self.feature_dim, use_bias=False, kernel_init=kaiming_normal, dtype=dtype,
+                 param_dtype=jnp.float32, name=f"fc{suffix}")(h)
+    return nn.relu(batch_norm(train, dtype, f"bn_fc{suffix}", self.bn_impl)(h)).astype(jnp.float32)
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool, x_rb: Array | None = None,
+               alpha: Array | float | None = None) -> tuple[Array, Array]:
+    """Logits and features; with ``bbn=True`` the BBN two-branch form.
+
+    BBN (Zhou et al., CVPR 2020; REFERENCE.md §3): the conv trunk is shared, the feature
+    layer is split into a conventional branch (``fc``/``bn_fc``, input ``x``) and a
+    re-balancing branch (``fc_rb``/``bn_fc_rb``, input ``x_rb``; ``None`` reuses ``x``),
+    and ``features = [2 alpha f_cb ; 2 (1 - alpha) f_rb]`` in training, ``[f_cb ; f_rb]``
+    (``alpha = 0.5``) at test, exactly as :class:`lt_jax.models.CifarResNet` splits its last
+    residual block.
+    """
+    impl = resolve_conv_impl(self.conv_impl)
+    dtype = resolve_dtype(self.dtype)
+    layers = self._trunk_layers(train, impl, dtype)
+    if not self.bbn:
+      if x_rb is not None or alpha is not None:
+        raise ValueError("x_rb / alpha are only used by the BBN variant (bbn=True)")
+      features = self._branch(self._trunk(layers, x, dtype), train, dtype, "")
+    else:
+      f_cb = self._branch(self._trunk(layers, x, dtype), train, dtype, "")
+      h_rb = self._trunk(layers, x if x_rb is None else x_rb, dtype)
+      f_rb = self._branch(h_rb, train, dtype, "_rb")
+      if alpha is None:
+        features = jnp.concatenate([f_cb, f_rb], axis=-1)
+      else:
+        a = jnp.asarray(alpha, jnp.float32)
+        features = jnp.concatenate([2.0 * a * f_cb, 2.0 * (1.0 - a) * f_rb], axis=-1)
     logits = self.head_module()(features)
     return logits, features

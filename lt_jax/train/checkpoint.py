@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lt_jax.train import config as config_lib
@@ -42,7 +43,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, config: dic
   step = mngr.latest_step()
   if step is None:
     return None, None
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  meta = restore_meta(mngr, step)
   diff = config_lib.incompatible_fields(meta["config"], config)
   if diff:
     raise ResumeError(
@@ -53,3 +54,22 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, config: dic
                         abstract_state)
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   return restored["state"], meta
+
+
+def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+  """The JSON metadata (config record, step, sampler position, metrics) of ``step``."""
+  return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def restore_arrays(mngr: ocp.CheckpointManager, step: int) -> dict:
+  """The saved state of ``step`` as a nested dict of host NumPy arrays (no target needed).
+
+  Used to take the parameters of another run (``init_from``), whose optimiser state may
+  have any structure.
+  """
+  meta = mngr.item_metadata(step)["state"]
+  target = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta,
+                        is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(item=None, restore_args=target)))
+  return restored["state"]

@@ -20,9 +20,16 @@ HEADS = ("linear", "cosine", "lws")
 SAMPLERS = ("instance", "class_balanced", "sqrt", "progressive", "class_aware", "reversed")
 SCHEDULES = ("step", "cosine", "constant")
 PROFILES = ("exp", "step", "pareto")
+MIXES = ("none", "mixup", "cutmix", "remix")
+TRAIN_STAGES = ("crt", "lws")            # stages that train (a frozen-backbone classifier)
+EVAL_STAGES = ("tau_norm", "posthoc", "ncm")  # stages that derive a classifier without training
+STAGES = TRAIN_STAGES + EVAL_STAGES
+BBN_MODELS = ("cnn", "resnet20", "resnet32", "resnet44", "resnet56")
 
 LOSS_ALIASES = {"la": "logit_adjusted", "bs": "balanced_softmax", "cb": "cb_softmax",
                 "wce": "weighted_ce", "ls": "label_smoothing"}
+# Named recipes that are a loss plus settings (set_loss).
+LOSS_RECIPES = ("ldam_drw", "wce_sqrt", "ce_drw")
 SAMPLER_ALIASES = {"cb": "class_balanced", "class": "class_balanced", "balanced": "class_balanced",
                    "sqrt_balanced": "sqrt", "aware": "class_aware", "ib": "instance"}
 
@@ -57,9 +64,13 @@ def base_config() -> ml_collections.ConfigDict:
       pareto_shape=6.0, data_dir="", val_per_class=0))
   c.model = ml_collections.ConfigDict(dict(name="resnet32", head="linear", cosine_scale=16.0,
                                            dtype="float32"))
-  c.loss = ml_collections.ConfigDict(dict(name="ce", hparams=ml_collections.ConfigDict()))
-  c.sampler = ml_collections.ConfigDict(dict(name="instance", k_per_class=4))
+  c.model.bbn = False         # BBN two-branch model and two-sampler training (Zhou et al. 2020)
+  # drw_epoch >= 0: deferred re-weighting, the loss's weights switch on at this epoch (-1: always)
+  c.loss = ml_collections.ConfigDict(dict(name="ce", hparams=ml_collections.ConfigDict(), drw_epoch=-1.0))
+  # defer_epochs > 0: deferred re-sampling (DRS), instance sampling before this epoch
+  c.sampler = ml_collections.ConfigDict(dict(name="instance", k_per_class=4, defer_epochs=0))
   c.augment = ml_collections.ConfigDict(dict(crop_pad=4, flip=True))
+  c.mix = ml_collections.ConfigDict(dict(name="none", alpha=1.0, kappa=3.0, tau=0.5))
   c.optim = ml_collections.ConfigDict(dict(
       name="sgd", lr=0.1, momentum=0.9, nesterov=False, weight_decay=2e-4, schedule="step",
       warmup_epochs=5.0, decay_epochs=(160, 180), decay_factor=0.01))
@@ -75,6 +86,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_devices = 0           # devices on the data mesh (0: all global devices)
   c.quiet = False
   c.plots = True
+  # Multi-stage runs: the fields above describe the joint stage; `stages` lists the stages
+  # that follow it, in order (comma-separated names from STAGES). Each training stage starts
+  # from the previous training stage (the joint model first); tau_norm / posthoc / ncm
+  # evaluate the current model. `init_from`: workdir of a finished run whose final model
+  # replaces the joint stage (same dataset and model config required).
+  c.stages = ""
+  c.init_from = ""
+  c.stage = ml_collections.ConfigDict()
+  for name, sampler in (("crt", "class_balanced"), ("lws", "class_aware")):
+    c.stage[name] = ml_collections.ConfigDict(dict(
+        num_epochs=10, sampler=sampler, loss="ce",
+        optim=ml_collections.ConfigDict(dict(
+            name="sgd", lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4, schedule="cosine",
+            warmup_epochs=0.0, decay_epochs=(), decay_factor=0.1))))
+  grid = tuple(round(0.1 * i, 1) for i in range(21))  # linspace(0, 2, 21), the reference grid
+  c.stage.tau_norm = ml_collections.ConfigDict(dict(taus=grid, keep_bias=False, select="balanced_error_rate"))
+  c.stage.posthoc = ml_collections.ConfigDict(dict(taus=grid, select="balanced_error_rate"))
+  c.stage.ncm = ml_collections.ConfigDict()  # cl2n features, squared L2 (no settings)
   return c
 
 
@@ -96,6 +125,8 @@ def apply_common_variants(c: ml_collections.ConfigDict, variant: dict, allowed: 
   unknown = set(variant) - set(allowed)
   if unknown:
     raise ConfigError(f"unknown config variant key(s) {sorted(unknown)}; valid keys: {', '.join(allowed)}")
+  if "epochs" in variant:  # first: the DRW recipes defer to the (scaled) first decay
+    set_epochs(c, int(variant["epochs"]))
   if "ir" in variant:
     c.dataset.imbalance_ratio = float(variant["ir"])
   if "seed" in variant:
@@ -106,17 +137,50 @@ def apply_common_variants(c: ml_collections.ConfigDict, variant: dict, allowed: 
     c.sampler.name = SAMPLER_ALIASES.get(variant["sampler"], variant["sampler"])
   if "loss" in variant:
     set_loss(c, str(variant["loss"]))
+  if "mix" in variant:
+    c.mix.name = str(variant["mix"])
+  if "bbn" in variant:
+    c.model.bbn = True
+  if "stages" in variant:  # commas separate variant keys, so stages are joined by '+'
+    c.stages = str(variant["stages"]).replace("+", ",")
   return c
 
 
+COMMON_VARIANTS = ("ir", "loss", "sampler", "head", "seed", "mix", "bbn", "stages", "epochs")
+
+
+def set_epochs(c: ml_collections.ConfigDict, num_epochs: float) -> None:
+  """Sets ``num_epochs``, scaling warmup, decay and evaluation epochs by the same factor."""
+  f = float(num_epochs) / c.num_epochs
+  c.num_epochs = int(num_epochs)
+  c.optim.warmup_epochs = c.optim.warmup_epochs * f
+  c.optim.decay_epochs = tuple(e * f for e in c.optim.decay_epochs)
+  c.eval_every_epochs = max(int(round(c.eval_every_epochs * f)), 1)
+
+
 def set_loss(c: ml_collections.ConfigDict, name: str) -> None:
-  """Sets ``c.loss`` to ``name`` (aliases allowed) with its default hyper-parameters."""
-  name = LOSS_ALIASES.get(name, name)
+  """Sets ``c.loss`` to ``name`` (aliases allowed) with its default hyper-parameters.
+
+  Recipes (:data:`LOSS_RECIPES`): ``ldam_drw`` is LDAM (cosine head) with Class-Balanced
+  weights (beta 0.9999, normalised by the batch's weights) deferred to 80% of
+  ``num_epochs`` (epoch 160 of 200, Cao et al., NeurIPS 2019); ``ce_drw`` the same with
+  CE; ``wce_sqrt`` weighted CE with ``(n_min / n_c)^(1/2)``. Set ``num_epochs`` first.
+  """
+  recipe = name
+  name = {"ldam_drw": "ldam", "ce_drw": "ce", "wce_sqrt": "weighted_ce"}.get(name, LOSS_ALIASES.get(name, name))
   if name not in LOSS_DEFAULTS:
     raise ConfigError(f"unknown loss {name!r}; valid losses: {', '.join(LOSS_DEFAULTS)} "
-                     f"(aliases: {', '.join(f'{k}={v}' for k, v in LOSS_ALIASES.items())})")
+                     f"(aliases: {', '.join(f'{k}={v}' for k, v in LOSS_ALIASES.items())}; "
+                     f"recipes: {', '.join(LOSS_RECIPES)})")
   c.loss.name = name
   c.loss.hparams = ml_collections.ConfigDict(dict(LOSS_DEFAULTS[name]))
+  c.loss.drw_epoch = -1.0
+  if recipe in ("ldam_drw", "ce_drw"):
+    c.loss.hparams.update(weights="effective_number", beta=0.9999, weight_norm="batch")
+    first_decay = min(c.optim.decay_epochs, default=c.num_epochs) if c.optim.schedule == "step" else c.num_epochs
+    c.loss.drw_epoch = float(first_decay if first_decay < c.num_epochs else 0.8 * c.num_epochs)
+  if recipe == "wce_sqrt":
+    c.loss.hparams.weights = "sqrt_inverse"
   if name == "ldam":  # LDAM uses a cosine classifier (NormedLinear), scale s in the loss
     c.model.head = "cosine"
     c.model.cosine_scale = 1.0
@@ -161,6 +225,64 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     raise ConfigError(f"optim.warmup_epochs must be in [0, num_epochs], got {c.optim.warmup_epochs}")
   if list(c.optim.decay_epochs) != sorted(c.optim.decay_epochs):
     raise ConfigError(f"optim.decay_epochs must be increasing, got {c.optim.decay_epochs}")
+  _choice(c.mix.name, MIXES, "mix")
+  if c.mix.name != "none" and not c.mix.alpha > 0:
+    raise ConfigError(f"mix.alpha must be > 0, got {c.mix.alpha}")
+  if c.loss.drw_epoch >= 0:
+    if "weights" not in c.loss.hparams:
+      raise ConfigError("loss.drw_epoch (deferred re-weighting) needs loss.hparams.weights, e.g. "
+                        "'effective_number'; or use loss=ldam_drw / ce_drw")
+    if c.loss.drw_epoch >= c.num_epochs:
+      raise ConfigError(f"loss.drw_epoch={c.loss.drw_epoch} must be < num_epochs={c.num_epochs}")
+  if not 0 <= c.sampler.defer_epochs < c.num_epochs:
+    raise ConfigError(f"sampler.defer_epochs must be in [0, num_epochs), got {c.sampler.defer_epochs}")
+  if c.model.bbn:
+    if c.model.name not in BBN_MODELS:
+      raise ConfigError(f"model.bbn needs one of {', '.join(BBN_MODELS)}, got {c.model.name!r}")
+    if c.mix.name != "none":
+      raise ConfigError("model.bbn and mix cannot be combined (BBN mixes features of two samplers)")
+  validate_stages(c)
+
+
+def stage_names(c: ml_collections.ConfigDict) -> list[str]:
+  """The ``stages`` field as a list of names (empty: joint training only)."""
+  return [s.strip() for s in c.stages.split(",") if s.strip()]
+
+
+def validate_stages(c: ml_collections.ConfigDict) -> None:
+  """Stage names, per-stage settings and what each stage needs from the joint model."""
+  names = stage_names(c)
+  for name in names:
+    _choice(name, STAGES, "stage")
+  if len(set(names)) != len(names):
+    raise ConfigError(f"stages must not repeat a name, got {c.stages!r}")
+  if c.init_from and not names:
+    raise ConfigError("init_from loads a finished model for later stages: also set stages, e.g. "
+                      "--config.stages=crt")
+  for name in set(names) & set(TRAIN_STAGES):
+    s = c.stage[name]
+    _choice(s.sampler, SAMPLERS, f"stage.{name}.sampler")
+    _choice(s.optim.schedule, SCHEDULES, f"stage.{name}.optim.schedule")
+    _choice(s.optim.name, ("sgd", "adamw"), f"stage.{name}.optim.name")
+    set_loss_check = LOSS_ALIASES.get(s.loss, s.loss)
+    if set_loss_check not in LOSS_DEFAULTS:
+      raise ConfigError(f"unknown stage.{name}.loss {s.loss!r}; valid losses: {', '.join(LOSS_DEFAULTS)}")
+    if int(s.num_epochs) < 1 or not s.optim.lr > 0:
+      raise ConfigError(f"stage.{name} needs num_epochs >= 1 and optim.lr > 0")
+  if ("lws" in names or "tau_norm" in names) and c.model.head != "linear":
+    raise ConfigError(f"lws and tau_norm rescale a linear classifier; model.head is {c.model.head!r}")
+  if "lws" in names and "crt" in names and names.index("lws") < names.index("crt"):
+    raise ConfigError("lws before crt: cRT re-initialises the classifier LWS learnt scales for")
+  for name in ("tau_norm", "posthoc"):
+    if name in names:
+      s = c.stage[name]
+      if not len(s.taus) or min(s.taus) < 0:
+        raise ConfigError(f"stage.{name}.taus must be a non-empty grid of values >= 0")
+      from lt_jax import decoupled  # the selection keys live with the selection function
+      _choice(s.select, tuple(decoupled.SELECTION_KEYS), f"stage.{name}.select")
+      if c.dataset.val_per_class < 1:
+        raise ConfigError(f"stage {name!r} selects tau on a validation split carved from the training "
+                          "data (never on test): set dataset.val_per_class, e.g. 20")
 
 
 def steps_per_epoch(num_train: int, batch_size: int) -> int:
@@ -171,9 +293,20 @@ def steps_per_epoch(num_train: int, batch_size: int) -> int:
 
 
 # Fields that may differ between a checkpointed run and its resumption.
+# Stages are recorded by each stage's own checkpoints, so adding one keeps the joint run.
 RESUMABLE_FIELDS = ("quiet", "plots", "log_every_steps", "eval_every_epochs", "max_steps",
                     "keep_checkpoints", "checkpoint_every_epochs", "eval_batch_size", "multihost", "num_devices",
-                    "dataset.data_dir")
+                    "dataset.data_dir", "stages", "stage", "init_from")
+
+
+def trajectory_fields(d: dict, drop: tuple[str, ...] = ()) -> dict:
+  """``d`` (a config dict) without :data:`RESUMABLE_FIELDS` and the top-level keys ``drop``."""
+  out = {k: v for k, v in d.items() if k not in RESUMABLE_FIELDS and k not in drop}
+  for dotted in RESUMABLE_FIELDS:
+    head, _, tail = dotted.partition(".")
+    if tail and isinstance(out.get(head), dict):
+      out[head] = {k: v for k, v in out[head].items() if k != tail}
+  return out
 
 
 def incompatible_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -70,6 +70,17 @@ def summary_table(summary: dict[str, float], title: str) -> str:
   return "\n".join(lines)
 
 
+def stages_table(summaries: dict[str, dict[str, float]]) -> str:
+  """One row per stage (joint model first): top-1, BER and many/medium/few accuracy."""
+  cols = (("accuracy", "top-1"), ("balanced_error_rate", "BER"), ("many_shot", "many"),
+          ("medium_shot", "medium"), ("few_shot", "few"))
+  lines = [f"{'stage':<10}" + "".join(f"{name:>9}" for _, name in cols)]
+  for stage, s in summaries.items():
+    cells = "".join(f"{s[k]:>9.4f}" if np.isfinite(s.get(k, np.nan)) else f"{'n/a':>9}" for k, _ in cols)
+    lines.append(f"{stage:<10}{cells}")
+  return "\n".join(lines)
+
+
 def save_plots(workdir: str, counts: np.ndarray, per_class_acc: np.ndarray,
                weight_norms: np.ndarray | None, confusion: np.ndarray, class_names=None) -> list[str]:
   """Per-class accuracy and classifier weight norm against training count; confusion matrix."""

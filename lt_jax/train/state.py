@@ -54,16 +54,21 @@ def put_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 def create_state(model, tx, loss, num_classes: int, input_shape: tuple[int, ...], seed: int,
-                 mesh: Mesh) -> TrainState:
-  """Builds the initial state shape-first (``eval_shape``), then ``jit(init)`` replicated."""
-  def init() -> TrainState:
+                 mesh: Mesh, variables: Any = None) -> TrainState:
+  """Builds the initial state shape-first (``eval_shape``), then ``jit(init)`` replicated.
+
+  ``variables`` (``{'params', 'batch_stats'}``, e.g. a trained model for a decoupled
+  stage) replaces the model's fresh initialisation; the optimiser state is always fresh.
+  """
+  def init(variables) -> TrainState:
     key = jax.random.key(seed)
     init_key, rng = jax.random.split(key)
-    variables = model.init(init_key, jnp.zeros((2, *input_shape), jnp.float32), train=False)
+    if variables is None:
+      variables = model.init(init_key, jnp.zeros((2, *input_shape), jnp.float32), train=False)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
                       loss_state=loss.init(num_classes), rng=jax.random.key_data(rng))
-  abstract = jax.eval_shape(init)
+  abstract = jax.eval_shape(init, variables)
   shardings = jax.tree.map(lambda _: replicated(mesh), abstract)
-  return jax.jit(init, out_shardings=shardings)()
+  return jax.jit(init, out_shardings=shardings)(variables)

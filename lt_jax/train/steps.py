@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from lt_jax import losses as losses_lib
 from lt_jax import metrics as metrics_lib
-from lt_jax import samplers
+from lt_jax import decoupled, mixing, samplers
 from lt_jax.data import augment
 from lt_jax.models import cpu_compiler_options
 from lt_jax.train.state import TrainState, batch_sharded
@@ -30,7 +30,16 @@ class TrainData(NamedTuple):
 
 
 class StepConfig(NamedTuple):
-  """Static (hashable) settings of the train step."""
+  """Static (hashable) settings of the train step.
+
+  ``defer_epochs``: deferred re-sampling (DRS, Cao et al., NeurIPS 2019): instance sampling
+  before this epoch, ``sampler`` from then on (0: ``sampler`` throughout).
+  ``bn_train``: ``False`` freezes the BatchNorm statistics (decoupled classifier stages call
+  the model with ``train=False``, so the frozen backbone is exactly the joint one).
+  ``mix``: ``'none'`` | ``'mixup'`` | ``'cutmix'`` | ``'remix'`` (:mod:`lt_jax.mixing`).
+  ``bbn``: BBN two-sampler training (a second, reversed-sampler batch and the cumulative
+  ``alpha``; the model must be built with ``bbn=True``).
+  """
   batch_size: int
   steps_per_epoch: int
   num_epochs: int
@@ -40,57 +49,134 @@ class StepConfig(NamedTuple):
   flip: bool
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  num_classes: int = 0
+  defer_epochs: int = 0
+  bn_train: bool = True
+  mix: str = "none"
+  mix_alpha: float = 1.0
+  remix_kappa: float = 3.0
+  remix_tau: float = 0.5
+  bbn: bool = False
+
+
+MIXES = ("none", "mixup", "cutmix", "remix")
+
+
+def _instance_indices(key: jax.Array, step: jax.Array, n: int, sc: StepConfig) -> jax.Array:
+  perm = jax.random.permutation(jax.random.fold_in(key, step // sc.steps_per_epoch), n)
+  return jax.lax.dynamic_slice(perm, ((step % sc.steps_per_epoch) * sc.batch_size,), (sc.batch_size,))
 
 
 def batch_indices(key: jax.Array, step: jax.Array, data: TrainData, counts: jax.Array,
-                  sc: StepConfig) -> jax.Array:
+                  sc: StepConfig, sampler: str | None = None) -> jax.Array:
   """The global batch's example indices for ``step`` (a pure function of key and step).
 
   ``instance`` reproduces ordinary shuffled epochs (a fresh permutation of the training
-  set each epoch, drop-last); every other sampler draws from ``lt_jax.samplers``.
+  set each epoch, drop-last); every other sampler draws from ``lt_jax.samplers``. With
+  ``sc.defer_epochs`` (DRS) epochs before it use ``instance``. ``sampler`` overrides
+  ``sc.sampler`` (BBN's reversed branch).
   """
+  sampler = sc.sampler if sampler is None else sampler
   n = data.labels.shape[0]
   epoch = step // sc.steps_per_epoch
-  if sc.sampler == "instance":
-    perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
-    return jax.lax.dynamic_slice(perm, ((step % sc.steps_per_epoch) * sc.batch_size,), (sc.batch_size,))
-  if sc.sampler == "class_aware":  # one class cycle continued across batches, as the reference
-    return samplers.class_aware_indices(key, data.index, sc.batch_size, sc.k_per_class,
-                                        start=step * sc.batch_size)
-  draw_key = jax.random.fold_in(key, step)
-  if sc.sampler == "class_balanced":
-    probs = samplers.class_probs(counts, 0.0)
-  elif sc.sampler == "sqrt":
-    probs = samplers.class_probs(counts, 0.5)
-  elif sc.sampler == "progressive":
-    probs = samplers.progressive_probs(counts, epoch / max(sc.num_epochs - 1, 1))
-  elif sc.sampler == "reversed":
-    probs = samplers.reversed_probs(counts)
+  if sampler == "instance":
+    return _instance_indices(key, step, n, sc)
+  if sampler == "class_aware":  # one class cycle continued across batches, as the reference
+    idx = samplers.class_aware_indices(key, data.index, sc.batch_size, sc.k_per_class,
+                                       start=step * sc.batch_size)
   else:
-    raise ValueError(f"unknown sampler {sc.sampler!r}")
-  return samplers.sample_indices(draw_key, data.index, probs, sc.batch_size)
+    draw_key = jax.random.fold_in(key, step)
+    if sampler == "class_balanced":
+      probs = samplers.class_probs(counts, 0.0)
+    elif sampler == "sqrt":
+      probs = samplers.class_probs(counts, 0.5)
+    elif sampler == "progressive":
+      probs = samplers.progressive_probs(counts, epoch / max(sc.num_epochs - 1, 1))
+    elif sampler == "reversed":
+      probs = samplers.reversed_probs(counts)
+    else:
+      raise ValueError(f"unknown sampler {sampler!r}")
+    idx = samplers.sample_indices(draw_key, data.index, probs, sc.batch_size)
+  if sc.defer_epochs > 0:
+    idx = jnp.where(epoch < sc.defer_epochs, _instance_indices(key, step, n, sc), idx)
+  return idx
+
+
+def mix_batch(key: jax.Array, x: jax.Array, labels: jax.Array, counts: jax.Array,
+              sc: StepConfig) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+  """``(images, partner labels, weight of the own label)`` for ``sc.mix``.
+
+  The loss of a mixed batch is ``w l(z, y) + (1 - w) l(z, y_perm)`` for whichever loss
+  is configured: for cross-entropy this equals CE against the soft targets of
+  :mod:`lt_jax.mixing` (Mixup: Zhang et al., ICLR 2018; CutMix: Yun et al., ICCV 2019;
+  Remix: Chou et al., ECCV-W 2020, where ``w`` moves the label toward the minority class).
+  """
+  if sc.mix == "none":
+    return x, None, None
+  C = sc.num_classes
+  if sc.mix == "mixup":
+    x, _, lam, perm = mixing.mixup(key, x, labels, C, sc.mix_alpha)
+    w = jnp.broadcast_to(lam, labels.shape)
+  elif sc.mix == "cutmix":
+    x, _, lam, perm = mixing.cutmix(key, x, labels, C, sc.mix_alpha)
+    w = jnp.broadcast_to(lam, labels.shape)
+  elif sc.mix == "remix":
+    x, _, lam, perm = mixing.mixup(key, x, labels, C, sc.mix_alpha)
+    w = mixing.remix_weights(labels, perm, lam, counts, sc.remix_kappa, sc.remix_tau)
+  else:
+    raise ValueError(f"unknown mix {sc.mix!r}; valid: {', '.join(MIXES)}")
+  return x, labels[perm], w
+
+
+def _gather(data: TrainData, idx: jax.Array, sharding) -> tuple[jax.Array, jax.Array]:
+  images = jax.lax.with_sharding_constraint(data.images[idx], sharding)
+  labels = jax.lax.with_sharding_constraint(data.labels[idx], sharding)
+  return images, labels
 
 
 def make_train_step(model, tx: optax.GradientTransformation, loss: losses_lib.Loss,
                     schedule: optax.Schedule, counts: jax.Array, sc: StepConfig,
-                    mesh: Mesh) -> Callable[[TrainState, TrainData], tuple[TrainState, dict]]:
-  """``step(state, data) -> (state, metrics)``, jitted with the state donated."""
+                    mesh: Mesh, grad_mask: Any = None,
+                    host_batches: bool = False) -> Callable[..., tuple[TrainState, dict]]:
+  """``step(state, data) -> (state, metrics)``, jitted with the state donated.
+
+  ``grad_mask``: a pytree of bools like ``params`` (``True`` = trainable, e.g. from
+  :func:`lt_jax.decoupled.param_labels`); the reported ``grad_norm`` covers those leaves
+  only (the frozen ones get no update from the partitioned optimiser, and XLA drops
+  their gradient computation).
+
+  ``host_batches=True``: the step is ``step(state, images, labels)`` with a global batch
+  the host input pipeline already drew and augmented (uint8 ``(B, H, W, C)``, int
+  ``(B,)``; :mod:`lt_jax.data.streaming`); the device only normalises it.
+  """
   sharding = batch_sharded(mesh)
 
-  def train_step(state: TrainState, data: TrainData):
-    key = jax.random.wrap_key_data(state.rng)
-    sample_key, aug_key = jax.random.split(jax.random.fold_in(key, 0))
-    idx = batch_indices(sample_key, state.step, data, counts, sc)
-    images = jax.lax.with_sharding_constraint(data.images[idx], sharding)
-    labels = jax.lax.with_sharding_constraint(data.labels[idx], sharding)
-    x = augment.random_crop_flip(jax.random.fold_in(aug_key, state.step), images,
-                                 pad=sc.crop_pad, flip=sc.flip)
-    x = augment.normalize(x, sc.mean, sc.std)
+  def update(state: TrainState, key, images, labels, rb=None):
+    aug_key = jax.random.split(jax.random.fold_in(key, 0))[1]
+    if not host_batches:
+      images = augment.random_crop_flip(jax.random.fold_in(aug_key, state.step), images,
+                                        pad=sc.crop_pad, flip=sc.flip)
+    x = augment.normalize(images, sc.mean, sc.std)
+    x, labels2, w = mix_batch(jax.random.fold_in(jax.random.fold_in(key, 1), state.step),
+                              x, labels, counts, sc)
+    kw = {}
+    if rb is not None:  # BBN: reversed-sampler batch, cumulative alpha of the 1-based epoch
+      x_rb = augment.random_crop_flip(jax.random.fold_in(jax.random.fold_in(key, 3), state.step), rb[0],
+                                      pad=sc.crop_pad, flip=sc.flip)
+      alpha = decoupled.bbn_alpha(state.step // sc.steps_per_epoch + 1, sc.num_epochs)
+      kw = {"x_rb": augment.normalize(x_rb, sc.mean, sc.std), "alpha": alpha}
+      labels2, w = rb[1], jnp.broadcast_to(alpha, labels.shape)
 
     def loss_fn(params):
-      (logits, _), new_vars = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
-                                          train=True, mutable=["batch_stats"])
+      variables = {"params": params, "batch_stats": state.batch_stats}
+      if sc.bn_train:
+        (logits, _), new_vars = model.apply(variables, x, train=True, mutable=["batch_stats"], **kw)
+      else:
+        (logits, _), new_vars = model.apply(variables, x, train=False, **kw), {}
       per_example, loss_state = loss.apply(logits, labels, counts, state.loss_state)
+      if labels2 is not None:  # mixed / BBN batch: w l(z, y) + (1 - w) l(z, y2)
+        other, _ = loss.apply(logits, labels2, counts, state.loss_state)
+        per_example = w * per_example + (1.0 - w) * other
       return losses_lib.reduce_mean(per_example), (new_vars, loss_state, logits)
 
     (value, (new_vars, loss_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -99,11 +185,27 @@ def make_train_step(model, tx: optax.GradientTransformation, loss: losses_lib.Lo
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=new_vars.get("batch_stats", state.batch_stats),
                               opt_state=opt_state, loss_state=loss_state)
+    shown = grads if grad_mask is None else jax.tree.map(
+        lambda g, m: g if m else jnp.zeros((), g.dtype), grads, grad_mask)
     metrics = {"loss": value, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-               "lr": schedule(state.step), "grad_norm": optax.tree_utils.tree_norm(grads)}
+               "lr": schedule(state.step), "grad_norm": optax.tree_utils.tree_norm(shown)}
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=(0,), compiler_options=cpu_compiler_options())
+  def train_step(state: TrainState, data: TrainData):
+    key = jax.random.wrap_key_data(state.rng)
+    sample_key = jax.random.split(jax.random.fold_in(key, 0))[0]
+    images, labels = _gather(data, batch_indices(sample_key, state.step, data, counts, sc), sharding)
+    rb = None
+    if sc.bbn:
+      rb = _gather(data, batch_indices(jax.random.fold_in(key, 2), state.step, data, counts, sc,
+                                       sampler="reversed"), sharding)
+    return update(state, key, images, labels, rb)
+
+  def host_step(state: TrainState, images, labels):
+    return update(state, jax.random.wrap_key_data(state.rng), images, labels)
+
+  fn = host_step if host_batches else train_step
+  return jax.jit(fn, donate_argnums=(0,), compiler_options=cpu_compiler_options())
 
 
 class EvalSums(NamedTuple):
@@ -120,13 +222,19 @@ def make_eval_step(model, num_classes: int, mean, std, mesh: Mesh, num_bins: int
   def eval_step(variables, images, labels, mask):
     x = augment.normalize(images, mean, std)
     logits, _ = model.apply(variables, x, train=False)
-    logits = logits.astype(jnp.float32)
-    return EvalSums(
-        confusion=metrics_lib.confusion_matrix(labels, jnp.argmax(logits, -1), num_classes, mask=mask),
-        calibration=metrics_lib.calibration_counts(logits, labels, num_bins, mask=mask, from_logits=True),
-        nll=metrics_lib.nll_sums(logits, labels, mask=mask, from_logits=True))
+    return sums_from_logits(logits, labels, num_classes, mask, num_bins)
 
   return jax.jit(eval_step, compiler_options=cpu_compiler_options())
+
+
+def sums_from_logits(logits: jax.Array, labels: jax.Array, num_classes: int, mask: jax.Array | None = None,
+                     num_bins: int = 15) -> EvalSums:
+  """:class:`EvalSums` of a batch of logits (confusion matrix, calibration bins, NLL sums)."""
+  logits = logits.astype(jnp.float32)
+  return EvalSums(
+      confusion=metrics_lib.confusion_matrix(labels, jnp.argmax(logits, -1), num_classes, mask=mask),
+      calibration=metrics_lib.calibration_counts(logits, labels, num_bins, mask=mask, from_logits=True),
+      nll=metrics_lib.nll_sums(logits, labels, mask=mask, from_logits=True))
 
 
 def add_sums(a: EvalSums | None, b: EvalSums) -> EvalSums:

@@ -1,0 +1,551 @@
+"""Deep imbalanced regression runs: ``train_and_evaluate_regression(config, workdir)``, resumable.
+
+Yang et al., "Delving into Deep Imbalanced Regression", ICML 2021 (LDS, FDS, Focal-R) and Ren et
+al., "Balanced MSE for Imbalanced Visual Regression", CVPR 2022, on the classification stack:
+the same mesh / ``put_global`` placement (:mod:`lt_jax.train.state`), orbax checkpoints with the
+resume check (:mod:`lt_jax.train.checkpoint`), metric writer and JSON outputs
+(:mod:`lt_jax.train.report`), schedules and optimizers (:mod:`lt_jax.train.optim`), the on-device
+epoch permutation (:func:`lt_jax.train.steps.batch_indices`) and the masked, padded evaluation
+loop (:func:`lt_jax.train.trainer.evaluate`). The pure pieces are :mod:`lt_jax.regression`.
+
+Model: any ``lt_jax.models`` backbone built with ``num_classes=1``; the regressor is its linear
+head applied to the (FDS-calibrated, in training) features,
+``yhat = c + s * (f @ params['head']['kernel'] + params['head']['bias'])``, where ``c, s`` are the
+centre and half-width of the target bins (``model.normalize_targets``; ``c = 0, s = 1`` when
+off) so that a freshly initialised head already predicts on the target's scale. Losses are
+computed in target units.
+
+One epoch: ``N // batch_size`` steps over a fresh permutation; then, with FDS and
+``epoch >= fds.start_update``, one gradient-free pass over the whole training set (train-mode
+BatchNorm, as the reference's no-grad pass under ``model.train()``, no augmentation, a fixed
+example order) sums :func:`~lt_jax.regression.fds_batch_stats` on device (batch-sharded inputs:
+XLA all-reduces the sums) and calls :func:`~lt_jax.regression.fds_update` once; then evaluation
+and the checkpoint. The FDS statistics are the ``fds`` field of :class:`RegressionState`, so
+they are checkpointed and restored with the parameters. FDS recalibration is applied in the
+train step from epoch ``fds.start_smooth`` on, never in evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from typing import Any, Callable, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from lt_jax import regression
+from lt_jax.data import augment
+from lt_jax.models import MODELS, cpu_compiler_options, get_model
+from lt_jax.train import checkpoint, config as config_lib, optim, report, steps
+from lt_jax.train.config import ConfigError
+from lt_jax.train.state import TrainState, batch_sharded, make_mesh, put_global, replicated
+
+DIR_DATASETS = ("rotated_fashion_mnist", "csv")
+DIR_LOSSES = ("mse", "l1", "huber", "focal_r", "balanced_mse")
+METHODS = ("vanilla", "sqinv", "lds", "fds", "lds_fds", "balanced_mse")
+SUMMARY_KEYS = tuple(f"{g}{k}" for g in ("", "many_", "medium_", "few_") for k in regression.REGRESSION_KEYS)
+
+
+# ============================================================================ config
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The regression schema (``task='regression'``), defaults = the rotated Fashion-MNIST DIR recipe.
+
+  ``lds.reweight`` ('none' | 'sqrt_inv' | 'inverse') turns on per-example weights,
+  ``lds.enabled`` smooths the density first (LDS); ``fds.enabled`` turns on FDS. Unset string /
+  size fields of ``dataset`` ('' / 0) mean "not used" (the CSV loader's options).
+  """
+  c = ml_collections.ConfigDict()
+  c.task = "regression"
+  c.seed = 0
+  c.dataset = ml_collections.ConfigDict(dict(
+      name="rotated_fashion_mnist", data_dir="", max_angle=90, n_max=400, imbalance_ratio=100.0,
+      val_per_bin=10, test_per_bin=30, subset_seed=0,
+      csv="", image_root="", arrays="", target_col="", image_size=(0, 0), channels=0))
+  c.bins = ml_collections.ConfigDict(dict(start=0.0, stop=90.0, width=1.0, many=100, few=20))
+  c.model = ml_collections.ConfigDict(dict(name="cnn", dtype="float32", normalize_targets=True))
+  c.loss = ml_collections.ConfigDict(dict(
+      name="mse", huber_beta=1.0, focal_kind="l1", focal_beta=0.2, focal_gamma=1.0,
+      focal_activation="sigmoid", noise_sigma=8.0, learn_noise=True, sigma_lr=0.05))
+  c.lds = ml_collections.ConfigDict(dict(reweight="none", enabled=False, kernel="gaussian", ks=5, sigma=2.0,
+                                         clip=(5.0, 1000.0)))
+  c.fds = ml_collections.ConfigDict(dict(enabled=False, kernel="gaussian", ks=5, sigma=2.0, momentum=0.9,
+                                         start_update=0, start_smooth=1, clip=(0.1, 10.0)))
+  c.augment = ml_collections.ConfigDict(dict(crop_pad=2))
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-3, momentum=0.9, nesterov=False, weight_decay=0.0, schedule="cosine",
+      warmup_epochs=0.0, decay_epochs=(1000,), decay_factor=0.1))
+  c.batch_size = 128
+  c.num_epochs = 3
+  c.eval_batch_size = 500
+  c.eval_every_epochs = 1
+  c.checkpoint_every_epochs = 1
+  c.keep_checkpoints = 2
+  c.log_every_steps = 20
+  c.max_steps = -1
+  c.multihost = False
+  c.num_devices = 0
+  c.quiet = False
+  c.plots = True
+  return c
+
+
+def set_method(c: ml_collections.ConfigDict, method: str) -> None:
+  """``vanilla`` (plain loss), ``sqinv`` (sqrt-inverse weights), ``lds``, ``fds``, ``lds_fds``, ``balanced_mse``."""
+  if method not in METHODS:
+    raise ConfigError(f"unknown DIR method {method!r}; valid methods: {', '.join(METHODS)}")
+  c.lds.reweight = "sqrt_inv" if method in ("sqinv", "lds", "lds_fds") else "none"
+  c.lds.enabled = method in ("lds", "lds_fds")
+  c.fds.enabled = method in ("fds", "lds_fds")
+  if method == "balanced_mse":
+    c.loss.name = "balanced_mse"
+
+
+def _choice(value, valid, what):
+  if value not in valid:
+    raise ConfigError(f"unknown {what} {value!r}; valid choices: {', '.join(map(str, valid))}")
+
+
+def _positive(values: dict[str, Any]) -> None:
+  for key, value in values.items():
+    if not value > 0:
+      raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """Rejects bad regression configs with :class:`~lt_jax.train.config.ConfigError` naming valid choices."""
+  if c.get("task", "classification") != "regression":
+    raise ConfigError(f"task must be 'regression' for train_and_evaluate_regression, got {c.get('task')!r}")
+  d = c.dataset
+  _choice(d.name, DIR_DATASETS, "regression dataset")
+  if d.name == "csv":
+    if not d.csv:
+      raise ConfigError("dataset.name='csv' needs dataset.csv (a CSV of path/index, target, split rows)")
+    if bool(d.image_root) == bool(d.arrays):
+      raise ConfigError("dataset.name='csv' needs exactly one of dataset.image_root (image folder) or "
+                        "dataset.arrays (.npz of images)")
+    _choice(d.channels, (0, 1, 3), "dataset.channels (0 = auto)")
+  _choice(c.model.name, MODELS, "model")
+  _choice(c.model.dtype, ("float32", "bfloat16"), "model dtype")
+  _choice(c.loss.name, DIR_LOSSES, "regression loss")
+  _choice(c.loss.focal_kind, regression.FOCAL_KINDS, "loss.focal_kind")
+  _choice(c.loss.focal_activation, regression.FOCAL_ACTIVATIONS, "loss.focal_activation")
+  _choice(c.lds.reweight, regression.REWEIGHTS, "lds.reweight")
+  _choice(c.lds.kernel, regression.KERNELS, "lds.kernel")
+  _choice(c.fds.kernel, regression.KERNELS, "fds.kernel")
+  _choice(c.optim.schedule, config_lib.SCHEDULES, "lr schedule")
+  _choice(c.optim.name, ("sgd", "adamw"), "optimizer")
+  if c.lds.enabled and c.lds.reweight == "none":
+    raise ConfigError("lds.enabled needs lds.reweight='sqrt_inv' or 'inverse' (LDS smooths the density the "
+                      "weights invert), got 'none'")
+  for key in ("lds.ks", "fds.ks"):
+    ks = c[key.split(".")[0]].ks
+    if not isinstance(ks, int) or ks < 1 or ks % 2 == 0:
+      raise ConfigError(f"{key} must be an odd positive int (e.g. 5), got {ks!r}")
+  _positive({"bins.width": c.bins.width, "bins.stop - bins.start": c.bins.stop - c.bins.start,
+             "lds.sigma": c.lds.sigma, "fds.sigma": c.fds.sigma, "loss.huber_beta": c.loss.huber_beta,
+             "loss.focal_beta": c.loss.focal_beta, "loss.focal_gamma": c.loss.focal_gamma,
+             "loss.noise_sigma": c.loss.noise_sigma, "loss.sigma_lr": c.loss.sigma_lr, "optim.lr": c.optim.lr,
+             "batch_size": c.batch_size, "eval_batch_size": c.eval_batch_size, "num_epochs": c.num_epochs,
+             "log_every_steps": c.log_every_steps, "eval_every_epochs": c.eval_every_epochs,
+             "checkpoint_every_epochs": c.checkpoint_every_epochs})
+  if not 0.0 <= c.fds.momentum <= 1.0:
+    raise ConfigError(f"fds.momentum must be in [0, 1], got {c.fds.momentum}")
+  if c.fds.start_update < 0 or c.fds.start_smooth < 0:
+    raise ConfigError(f"fds.start_update and fds.start_smooth must be >= 0, got {c.fds.start_update}, "
+                      f"{c.fds.start_smooth}")
+  lo, hi = c.fds.clip
+  if not 0 < lo <= hi:
+    raise ConfigError(f"fds.clip must be (lo, hi) with 0 < lo <= hi, got {tuple(c.fds.clip)}")
+  if not c.bins.many >= c.bins.few >= 0:
+    raise ConfigError(f"bins.many must be >= bins.few >= 0, got {c.bins.many}, {c.bins.few}")
+  for key in ("batch_size", "eval_batch_size"):
+    if c[key] % num_devices:
+      raise ConfigError(f"{key}={c[key]} is not divisible by the number of devices ({num_devices}); "
+                        f"use a multiple of {num_devices}")
+  if c.loss.name == "balanced_mse" and c.batch_size < 2:
+    raise ConfigError("balanced_mse contrasts each prediction with the batch's other targets: batch_size >= 2")
+
+
+# ============================================================================ data, state, steps
+
+
+def load_dataset(config: ml_collections.ConfigDict):
+  """The config's :class:`lt_jax.data.dir_data.RegressionDataset`."""
+  from lt_jax.data import dir_data
+  d = config.dataset
+  if d.name == "rotated_fashion_mnist":
+    return dir_data.rotated_fashion_mnist(
+        d.data_dir or None, max_angle=d.max_angle, n_max=d.n_max, imbalance_ratio=d.imbalance_ratio,
+        val_per_bin=d.val_per_bin, test_per_bin=d.test_per_bin, seed=d.subset_seed)
+  size = tuple(d.image_size) if min(d.image_size) > 0 else None
+  return dir_data.load_regression_csv(
+      d.csv, d.image_root or None, arrays=d.arrays or None, target_col=d.target_col or None,
+      image_size=size, channels=d.channels or None)
+
+
+@flax.struct.dataclass
+class RegressionState(TrainState):
+  """:class:`~lt_jax.train.state.TrainState` plus ``fds``, the explicit :class:`~lt_jax.regression.FDSState`.
+
+  ``params`` is the model's parameter dict, plus ``'noise_sigma'`` (scalar) for Balanced MSE
+  with a learnable noise scale. ``loss_state`` is unused (``()``).
+  """
+  fds: regression.FDSState
+
+
+class DIRData(NamedTuple):
+  """The training set on device (replicated): images uint8, targets float32, their bins int32."""
+  images: jax.Array
+  targets: jax.Array
+  bin_ids: jax.Array
+
+
+class Spec(NamedTuple):
+  """Static settings shared by the steps."""
+  edges: tuple[float, ...]
+  center: float
+  scale: float
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  fds: bool
+  start_smooth: int
+  fds_clip: tuple[float, float]
+  weighted: bool
+
+
+def make_spec(config: ml_collections.ConfigDict, ds) -> Spec:
+  edges = np.asarray(regression.make_bins(config.bins.start, config.bins.stop, config.bins.width))
+  lo, hi = float(config.bins.start), float(config.bins.stop)
+  center, scale = ((lo + hi) / 2, (hi - lo) / 2) if config.model.normalize_targets else (0.0, 1.0)
+  return Spec(tuple(float(e) for e in edges), center, scale, tuple(ds.mean), tuple(ds.std), bool(config.fds.enabled),
+              int(config.fds.start_smooth), tuple(float(v) for v in config.fds.clip), config.lds.reweight != "none")
+
+
+def model_params(params: dict) -> dict:
+  return {k: v for k, v in params.items() if k != "noise_sigma"}
+
+
+def features(model, params, batch_stats, x, train: bool):
+  """``(features (B, D) float32, batch_stats)`` of the backbone; ``train=True`` uses batch statistics
+  and returns the updated BatchNorm averages (the FDS pass discards them)."""
+  variables = {"params": model_params(params), "batch_stats": batch_stats}
+  if train:
+    (_, f), new_vars = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    return f, new_vars.get("batch_stats", batch_stats)
+  _, f = model.apply(variables, x, train=False)
+  return f, batch_stats
+
+
+def predict(params, feats, spec: Spec) -> jax.Array:
+  """``yhat = c + s * (f @ W + b)``, ``(B,)`` float32 (the model's linear head on given features)."""
+  h = params["head"]
+  out = feats.astype(jnp.float32) @ h["kernel"][:, 0].astype(jnp.float32)
+  if "bias" in h:
+    out = out + h["bias"][0]
+  return spec.center + spec.scale * out
+
+
+def make_loss(lc: ml_collections.ConfigDict) -> Callable[[jax.Array, jax.Array, dict], jax.Array]:
+  """``per_example(pred, target, params) -> (B,)`` for ``lc.name`` in :data:`DIR_LOSSES`."""
+  if lc.name == "mse":
+    return lambda p, t, params: regression.mse(p, t)
+  if lc.name == "l1":
+    return lambda p, t, params: regression.l1(p, t)
+  if lc.name == "huber":
+    return lambda p, t, params: regression.huber(p, t, lc.huber_beta)
+  if lc.name == "focal_r":
+    return lambda p, t, params: regression.focal_r(p, t, lc.focal_kind, lc.focal_beta, lc.focal_gamma,
+                                                   lc.focal_activation)
+  fixed = float(lc.noise_sigma)
+  return lambda p, t, params: regression.balanced_mse(p, t, params.get("noise_sigma", fixed) ** 2)
+
+
+def make_optimizer(config, schedule) -> optax.GradientTransformation:
+  """The config's optimizer; a learnable Balanced-MSE noise scale gets its own Adam (``loss.sigma_lr``).
+
+  Ren et al.'s code adds ``noise_sigma`` as a separate parameter group with ``lr = sigma_lr``.
+  """
+  tx = optim.make_optimizer(config.optim, schedule)
+  if not learns_noise(config):
+    return tx
+  def labels(params):
+    return {k: "noise" if k == "noise_sigma" else jax.tree.map(lambda _: "model", v) for k, v in params.items()}
+  return optax.multi_transform({"model": tx, "noise": optax.adam(float(config.loss.sigma_lr))}, labels)
+
+
+def learns_noise(config) -> bool:
+  return config.loss.name == "balanced_mse" and bool(config.loss.learn_noise)
+
+
+def create_state(model, tx, config, num_bins: int, input_shape, mesh) -> RegressionState:
+  """The initial state, built shape-first and placed replicated (as :func:`lt_jax.train.state.create_state`)."""
+  def init() -> RegressionState:
+    init_key, rng = jax.random.split(jax.random.key(config.seed))
+    variables = model.init(init_key, jnp.zeros((2, *input_shape), jnp.float32), train=False)
+    params = dict(variables["params"])
+    if learns_noise(config):
+      params["noise_sigma"] = jnp.asarray(config.loss.noise_sigma, jnp.float32)
+    dim = params["head"]["kernel"].shape[0]
+    return RegressionState(step=jnp.zeros((), jnp.int32), params=params,
+                           batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params), loss_state=(),
+                           rng=jax.random.key_data(rng), fds=regression.fds_init(num_bins, dim))
+  shardings = jax.tree.map(lambda _: replicated(mesh), jax.eval_shape(init))
+  return jax.jit(init, out_shardings=shardings)()
+
+
+def make_train_step(model, tx, loss_fn, schedule, spec: Spec, sc: steps.StepConfig, bin_weights: jax.Array, mesh):
+  """``step(state, data) -> (state, metrics)``: loss ``weighted(l(yhat, y), w_bin(y))``, FDS in the forward pass."""
+  sharding = batch_sharded(mesh)
+
+  def train_step(state: RegressionState, data: DIRData):
+    key = jax.random.wrap_key_data(state.rng)
+    sample_key, aug_key = jax.random.split(jax.random.fold_in(key, 0))
+    idx = steps.batch_indices(sample_key, state.step, steps.TrainData(data.images, data.targets, None), None, sc)
+    images, y, b = (jax.lax.with_sharding_constraint(a[idx], sharding) for a in data)
+    x = augment.random_crop_flip(jax.random.fold_in(aug_key, state.step), images, pad=sc.crop_pad, flip=False)
+    x = augment.normalize(x, spec.mean, spec.std)
+    smooth = state.step // sc.steps_per_epoch >= spec.start_smooth
+
+    def loss_of(params):
+      f, batch_stats = features(model, params, state.batch_stats, x, train=True)
+      if spec.fds:
+        f = jnp.where(smooth, regression.fds_calibrate(f, b, state.fds, spec.fds_clip), f)
+      pred = predict(params, f, spec)
+      w = bin_weights[b] if spec.weighted else jnp.ones_like(y)
+      return regression.weighted(loss_fn(pred, y, params), w), (batch_stats, pred)
+
+    (value, (batch_stats, pred)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                        batch_stats=batch_stats, opt_state=opt_state)
+    metrics = {"loss": value, "mae": jnp.mean(jnp.abs(pred - y)), "lr": schedule(state.step),
+               "grad_norm": optax.tree_utils.tree_norm(grads)}
+    if "noise_sigma" in state.params:
+      metrics["noise_sigma"] = state.params["noise_sigma"]
+    return new, metrics
+
+  return jax.jit(train_step, donate_argnums=(0,), compiler_options=cpu_compiler_options())
+
+
+def fds_pass_batches(n: int, batch_size: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  """``(indices, mask)`` batches covering ``n`` examples once, in a fixed seeded order.
+
+  Every batch holds ``batch_size`` *real* examples, so train-mode BatchNorm statistics are never
+  diluted by padding: the last batch is the final ``batch_size`` of the order, with the examples
+  already counted masked out. Needs ``n >= batch_size``.
+  """
+  order = np.random.default_rng(seed).permutation(n).astype(np.int32)
+  out = []
+  for start in range(0, n, batch_size):
+    lo = min(start, n - batch_size)
+    out.append((order[lo:lo + batch_size], np.arange(lo, lo + batch_size) >= start))
+  return out
+
+
+def make_fds_sums(model, spec: Spec, num_bins: int):
+  """``sums(params, batch_stats, data, idx, mask) -> FDSSums`` of uncalibrated train-mode features."""
+  def fds_sums(params, batch_stats, data: DIRData, idx, mask):
+    x = augment.normalize(data.images[idx], spec.mean, spec.std)
+    f, _ = features(model, params, batch_stats, x, train=True)
+    return regression.fds_batch_stats(f, data.bin_ids[idx], num_bins, mask)
+  return jax.jit(fds_sums, compiler_options=cpu_compiler_options())
+
+
+def fds_epoch_update(state: RegressionState, data: DIRData, batches, fds_sums, fds_update, mesh) -> RegressionState:
+  """Sums the FDS statistics of the whole training set on device and applies one update."""
+  sharding = batch_sharded(mesh)
+  total = None
+  for idx, mask in batches:
+    s = fds_sums(state.params, state.batch_stats, data, put_global(idx, sharding), put_global(mask, sharding))
+    total = s if total is None else total + s
+  return state.replace(fds=fds_update(state.fds, total))
+
+
+def make_eval_step(model, spec: Spec, num_bins: int):
+  """``eval_step(variables, images, targets, mask) -> RegressionSums``: eval-mode BN, no FDS."""
+  edges = jnp.asarray(spec.edges, jnp.float32)
+
+  def eval_step(variables, images, targets, mask):
+    x = augment.normalize(images, spec.mean, spec.std)
+    f, _ = features(model, variables["params"], variables["batch_stats"], x, train=False)
+    pred = predict(variables["params"], f, spec)
+    return regression.regression_sums(pred, targets, regression.bin_index(targets, edges), num_bins, mask)
+
+  return jax.jit(eval_step, compiler_options=cpu_compiler_options())
+
+
+def summarize(sums: regression.RegressionSums, train_counts, config) -> dict[str, float]:
+  s = regression.regression_summary(sums, train_counts, config.bins.many, config.bins.few)
+  return {k: float(v) for k, v in jax.device_get(s).items()}
+
+
+# ============================================================================ the run
+
+
+def train_and_evaluate_regression(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains a DIR config in ``workdir`` (resuming from its checkpoint if any) and evaluates it.
+
+  Returns the final test summary (``mae``, ``mse``, ``gm`` overall and ``many_/medium_/few_``
+  by training counts per bin, plus ``val_*``), ``step`` and ``state``. Writes ``config.json``,
+  ``train_counts.json``, ``metrics.jsonl`` (train / val / test lines), ``summary.json``, the plot
+  ``error_per_bin.png`` and checkpoints to ``workdir``.
+  """
+  from lt_jax.train.trainer import NonFiniteLossError, evaluate  # shared with classification
+  mesh = make_mesh(config.num_devices)
+  validate(config, num_devices=mesh.size)
+  is_main = jax.process_index() == 0
+  quiet = config.quiet or os.environ.get("CI", "").lower() == "true"
+  log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
+  os.makedirs(workdir, exist_ok=True)
+
+  ds = load_dataset(config)
+  spec = make_spec(config, ds)
+  edges = jnp.asarray(spec.edges, jnp.float32)
+  num_bins = len(spec.edges) - 1
+  train_bins = np.asarray(regression.bin_index(ds.train_targets, edges))
+  counts = np.bincount(train_bins, minlength=num_bins)
+  spe = config_lib.steps_per_epoch(len(ds.train_targets), config.batch_size)
+  total_steps = spe * config.num_epochs
+  last_step = total_steps if config.max_steps < 0 else min(total_steps, config.max_steps)
+  smoothing = "+".join(n for n, on in (("LDS", config.lds.enabled), ("FDS", config.fds.enabled)) if on)
+  log(f"lt_jax DIR: {ds.name} ({len(ds.train_targets)} train / {len(ds.val_targets)} val / "
+      f"{len(ds.test_targets)} test, {num_bins} bins), model={config.model.name}, loss={config.loss.name}, "
+      f"reweight={config.lds.reweight}, smoothing={smoothing or 'none'}, devices={mesh.size}, {spe} steps/epoch x "
+      f"{config.num_epochs} epochs")
+
+  model = get_model(config.model.name, num_classes=1,
+                    dtype=jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32)
+  schedule = optim.make_schedule(config.optim, spe, config.num_epochs)
+  tx = make_optimizer(config, schedule)
+  state = create_state(model, tx, config, num_bins, ds.train_images.shape[1:], mesh)
+  mngr = checkpoint.manager(workdir, config.keep_checkpoints)
+  restored, meta = checkpoint.restore_latest(mngr, state, config.to_dict())
+  if restored is not None:
+    state = restored
+    log(f"resumed from {mngr.directory} at step {int(state.step)} (epoch {meta['epoch']:.2f})")
+  if is_main:
+    report.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    report.write_json(os.path.join(workdir, "train_counts.json"),
+                      {"edges": list(spec.edges), "counts": counts.tolist()})
+
+  rep = replicated(mesh)
+  data = DIRData(put_global(ds.train_images, rep), put_global(ds.train_targets.astype(np.float32), rep),
+                 put_global(train_bins.astype(np.int32), rep))
+  lc = config.lds
+  bin_weights = put_global(np.asarray(regression.lds_bin_weights(
+      counts, lc.reweight, lc.enabled, lc.kernel, lc.ks, lc.sigma, tuple(lc.clip))), rep)
+  sc = steps.StepConfig(batch_size=config.batch_size, steps_per_epoch=spe, num_epochs=config.num_epochs,
+                        sampler="instance", k_per_class=1, crop_pad=config.augment.crop_pad, flip=False,
+                        mean=spec.mean, std=spec.std)
+  train_step = make_train_step(model, tx, make_loss(config.loss), schedule, spec, sc, bin_weights, mesh)
+  eval_step = make_eval_step(model, spec, num_bins)
+  fc = config.fds
+  fds_sums = make_fds_sums(model, spec, num_bins)
+  fds_update = jax.jit(functools.partial(regression.fds_update, momentum=fc.momentum, kernel=fc.kernel,
+                                         ks=fc.ks, sigma=fc.sigma))
+  fds_batches = fds_pass_batches(len(ds.train_targets), config.batch_size, config.seed)
+  writer = report.MetricWriter(workdir, enabled=is_main)
+
+  def run_eval(images, targets):
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return evaluate(eval_step, variables, images, targets.astype(np.float32), config.eval_batch_size, mesh)
+
+  step = int(state.step)
+  bar = None
+  if not quiet and is_main and step < last_step:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=last_step, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout)
+  last: dict[str, float] = {}
+  t0, seen = time.time(), 0
+  while step < last_step:
+    state, m = train_step(state, data)
+    m = jax.device_get(m)  # blocks: NaN check, no runaway queue on CPU meshes
+    step += 1
+    seen += config.batch_size
+    if not np.isfinite(m["loss"]):
+      mngr.wait_until_finished()
+      raise NonFiniteLossError(f"non-finite training loss ({m['loss']}) at step {step}; the last good checkpoint "
+                               f"(step {mngr.latest_step()}) is kept in {mngr.directory}")
+    last = {k: float(v) for k, v in m.items()}
+    if bar is not None:
+      bar.update(1)
+      bar.set_postfix(loss=f"{last['loss']:.3g}", mae=f"{last['mae']:.2f}")
+    if step % config.log_every_steps == 0:
+      writer.write(step, "train", {**last, "images_per_sec": seen / (time.time() - t0)})
+    epoch_end = step % spe == 0
+    epoch = step // spe - 1  # the epoch that just ended, when epoch_end
+    if epoch_end and fc.enabled and epoch >= fc.start_update:
+      state = fds_epoch_update(state, data, fds_batches, fds_sums, fds_update, mesh)
+    if epoch_end and (epoch + 1) % config.eval_every_epochs == 0 and step < last_step and len(ds.val_targets):
+      val = summarize(run_eval(ds.val_images, ds.val_targets), counts, config)
+      writer.write(step, "val", val)
+      if bar is not None:
+        bar.write(f"epoch {epoch + 1}: val MAE {val['mae']:.3f} (many {val['many_mae']:.3f} / medium "
+                  f"{val['medium_mae']:.3f} / few {val['few_mae']:.3f})")
+    if (epoch_end and (epoch + 1) % config.checkpoint_every_epochs == 0) or step == last_step:
+      checkpoint.save(mngr, step, state, {"config": config.to_dict(), "step": step, "epoch": step / spe,
+                                          "metrics": last})
+  if bar is not None:
+    bar.close()
+  mngr.wait_until_finished()
+  mngr.close()
+
+  test_sums = run_eval(ds.test_images, ds.test_targets)
+  summary = summarize(test_sums, counts, config)
+  writer.write(step, "test", summary)
+  val = summarize(run_eval(ds.val_images, ds.val_targets), counts, config) if len(ds.val_targets) else {}
+  if val:
+    writer.write(step, "val", val)
+  writer.close()
+  out = {"step": step, **summary, **{f"val_{k}": v for k, v in val.items()}}
+  if is_main:
+    final_report(workdir, config, ds.name, spec, counts, test_sums, out, log)
+  return {**out, "state": state}
+
+
+def final_report(workdir, config, name, spec: Spec, counts, sums, out: dict, log) -> None:
+  """``summary.json`` (with per-bin test MAE), a table on stdout and ``error_per_bin.png``."""
+  s = jax.device_get(sums)
+  n = np.asarray(s.count, np.float64)
+  per_bin = np.where(n > 0, np.asarray(s.sum_abs) / np.maximum(n, 1), np.nan)
+  report.write_json(os.path.join(workdir, "summary.json"),
+                    {**out, "per_bin": {"edges": list(spec.edges), "train_count": counts.tolist(),
+                                        "test_count": n.astype(int).tolist(),
+                                        "test_mae": [None if np.isnan(v) else float(v) for v in per_bin]}})
+  lines = [f"{name} test set, step {out['step']}", f"{'':<8}{'MAE':>9}{'MSE':>11}{'GM':>9}"]
+  for g in ("", "many_", "medium_", "few_"):
+    lines.append(f"{(g[:-1] or 'all'):<8}{out[g + 'mae']:>9.3f}{out[g + 'mse']:>11.2f}{out[g + 'gm']:>9.3f}")
+  log("\n".join(lines))
+  if config.plots:
+    log("plot: " + save_error_plot(workdir, np.asarray(spec.edges), counts, per_bin, config))
+
+
+def save_error_plot(workdir: str, edges: np.ndarray, counts: np.ndarray, per_bin_mae: np.ndarray, config) -> str:
+  """Test MAE per target bin (line) over the training count per bin (grey bars, log scale)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  centers = (edges[:-1] + edges[1:]) / 2
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ax2 = ax.twinx()
+  ax2.bar(centers, np.maximum(counts, 0.5), width=np.diff(edges), color="0.85")
+  ax2.axhline(config.bins.many, color="0.6", ls=":", lw=1)
+  ax2.axhline(config.bins.few, color="0.6", ls="--", lw=1)
+  ax2.set_yscale("log")
+  ax2.set_ylabel("training examples per bin (log)")
+  ax.plot(centers, per_bin_mae, "o-", ms=2.5, color="C3")
+  ax.set_zorder(ax2.get_zorder() + 1)
+  ax.patch.set_visible(False)
+  ax.set_xlabel("target")
+  ax.set_ylabel("test MAE of the bin")
+  ax.set_title("Error per target bin vs training density (dotted: many > 100, dashed: few < 20)")
+  return report._save(fig, workdir, "error_per_bin.png")  # pylint: disable=protected-access
