@@ -1,11 +1,20 @@
-r"""Train and evaluate a long-tailed classifier from a config file.
+r"""Train and evaluate a long-tailed classifier (or, with ``task="regression"``, a DIR model) from a config file.
 
   python launch.py --config=configs/fashion_mnist_lt.py --workdir=/tmp/fmnist_lt
   python launch.py --config=configs/cifar_lt.py:dataset=cifar100,ir=50,loss=la \
       --workdir=/tmp/c100 --config.optim.lr=0.05
+  python launch.py --config=configs/fashion_mnist_dir.py:method=lds_fds --workdir=/tmp/fmnist_dir
 
-Multi-host: pass --config.multihost=true (or run where the platform sets up
-jax.distributed, e.g. TPU pods); every process runs this same command.
+Multi-host (README "Running on a pod / several hosts"): every process runs the same
+command. ``--config.multihost=true`` calls ``jax.distributed.initialize()``, which finds
+the coordinator, process count and process id itself on TPU pods, Slurm (``srun``),
+Open MPI and GKE. Elsewhere (e.g. several processes on localhost) pass them explicitly:
+
+  python launch.py --config=configs/fashion_mnist_lt.py:smoke --workdir=/tmp/mh \
+      --coordinator_address=127.0.0.1:12355 --num_processes=2 --process_id=0   # and =1
+
+or set ``LT_JAX_COORDINATOR_ADDRESS``, ``LT_JAX_NUM_PROCESSES``, ``LT_JAX_PROCESS_ID``
+(any of these implies a multi-process run; ``LT_JAX_DISTRIBUTED=1`` forces one).
 """
 
 import os
@@ -18,7 +27,39 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0's coordinator for jax.distributed "
+    "(env LT_JAX_COORDINATOR_ADDRESS); leave unset on TPU pods / Slurm, where JAX finds it.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (env LT_JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes) "
+                                   "(env LT_JAX_PROCESS_ID).")
+_INIT_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for every process to join.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def distributed_kwargs(multihost: bool, coordinator_address=None, num_processes=None, process_id=None,
+                       env=None) -> dict | None:
+  """Arguments for ``jax.distributed.initialize``, or ``None`` for a single-process run.
+
+  Explicit values (flags, else ``LT_JAX_*`` environment variables) must come as a full set
+  (address, count, id) and imply a multi-process run; with none of them and
+  ``multihost`` true, JAX's own cluster detection (TPU pod, Slurm, MPI, GKE) supplies them.
+  """
+  env = os.environ if env is None else env
+  address = coordinator_address or env.get("LT_JAX_COORDINATOR_ADDRESS") or None
+  count = num_processes if num_processes is not None else env.get("LT_JAX_NUM_PROCESSES")
+  pid = process_id if process_id is not None else env.get("LT_JAX_PROCESS_ID")
+  given = {"coordinator_address": address, "num_processes": count, "process_id": pid}
+  if not any(v is not None for v in given.values()):
+    return {} if multihost or env.get("LT_JAX_DISTRIBUTED") == "1" else None
+  missing = [k for k, v in given.items() if v is None]
+  if missing:
+    raise ValueError(f"multi-process run: also pass --{', --'.join(missing)} (or LT_JAX_"
+                     f"{', LT_JAX_'.join(m.upper() for m in missing)}); got {given}")
+  count, pid = int(count), int(pid)
+  if count < 1 or not 0 <= pid < count:
+    raise ValueError(f"need num_processes >= 1 and 0 <= process_id < num_processes, got {count} and {pid}")
+  return {"coordinator_address": address, "num_processes": count, "process_id": pid}
 
 
 def main(argv):
@@ -27,15 +68,28 @@ def main(argv):
   config = _CONFIG.value
   logging.set_verbosity(logging.WARNING)  # orbax/tfds INFO lines would drown the progress bar
   import jax
-  if config.multihost or os.environ.get("LT_JAX_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
+  try:
+    dist = distributed_kwargs(config.multihost, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if dist is not None:
+    jax.distributed.initialize(**dist, initialization_timeout=_INIT_TIMEOUT.value)
+    if jax.process_index() == 0:
+      print(f"lt_jax: jax.distributed with {jax.process_count()} processes, {jax.device_count()} devices "
+            f"({jax.local_device_count()} per process)", flush=True)
   from lt_jax.data.prepare import DataUnavailableError
   from lt_jax.train.checkpoint import ResumeError
   from lt_jax.train.config import ConfigError
-  from lt_jax.train.trainer import train_and_evaluate
+  from lt_jax.data.dir_data import DatasetFormatError
   try:
-    train_and_evaluate(config, _WORKDIR.value)
-  except (ConfigError, DataUnavailableError, ResumeError) as e:  # the user's to fix: no traceback
+    if config.get("task", "classification") == "regression":  # deep imbalanced regression (DIR)
+      from lt_jax.train.regression_trainer import train_and_evaluate_regression
+      train_and_evaluate_regression(config, _WORKDIR.value)
+    else:
+      from lt_jax.train.trainer import train_and_evaluate
+      train_and_evaluate(config, _WORKDIR.value)
+  except (ConfigError, DataUnavailableError, DatasetFormatError, ResumeError) as e:  # user errors: no traceback
     print(f"error: {e}", file=sys.stderr)
     return 2
 

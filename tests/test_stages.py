@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from lt_jax import decoupled, mixing, samplers
+from lt_jax import decoupled, losses, mixing, samplers
 from lt_jax.data import augment
 from lt_jax.models import get_model
 from lt_jax.train import config as config_lib, steps, trainer
@@ -204,17 +204,23 @@ def test_ldam_drw_recipe_defers_to_the_first_decay(tmp_path):
   assert (c.num_epochs, tuple(c.optim.decay_epochs), c.loss.drw_epoch) == (4, (3.0, 3.75), 3.0)
   c = cifar_lt.get_config("loss=ldam_drw")
   assert c.loss.drw_epoch == 160.0  # Cao et al. 2019: DRW from epoch 160 of 200
+  c.dataset.imbalance_ratio = 4.0  # the mock split is small
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
     ds = trainer.load_dataset(c)
   spe = config_lib.steps_per_epoch(len(ds.train_labels), c.batch_size)
   ctx = trainer.Context(c, ds, None, np.asarray(ds.counts), spe, None, None, True, True, print)
   loss = trainer.joint_spec(ctx, str(tmp_path)).loss
-  z = jnp.zeros((2, 10))
-  yy = jnp.array([0, 9])
-  before, st = loss.apply(z, yy, jnp.asarray(ds.counts, jnp.float32), {**loss.init(10), "step": jnp.int32(160 * spe - 1)})
-  after, _ = loss.apply(z, yy, jnp.asarray(ds.counts, jnp.float32), {**loss.init(10), "step": jnp.int32(160 * spe)})
-  assert float(before[0]) == pytest.approx(float(before[1]), rel=1e-5)  # unweighted before DRW
-  assert float(after[1]) > 3 * float(after[0])  # the tail class weighs more after
+  z = jax.random.normal(jax.random.key(0), (4, 10)) * 0.3
+  yy = jnp.array([0, 9, 3, 9])
+  n = jnp.asarray(ds.counts, jnp.float32)
+  drw = 160 * spe
+  plain = losses.make_loss("ldam", max_m=0.5, s=30.0)
+  weighted = losses.make_loss("ldam", max_m=0.5, s=30.0, weights="effective_number", beta=0.9999, weight_norm="batch")
+  before, _ = loss.apply(z, yy, n, {**loss.init(10), "step": jnp.int32(drw - 1)})
+  after, _ = loss.apply(z, yy, n, {**loss.init(10), "step": jnp.int32(drw)})
+  np.testing.assert_allclose(before, plain.apply(z, yy, n, plain.init(10))[0], rtol=1e-6)  # unweighted before
+  np.testing.assert_allclose(after, weighted.apply(z, yy, n, weighted.init(10))[0], rtol=1e-6)  # CB-weighted after
+  assert not np.allclose(before, after)
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -234,3 +240,23 @@ def test_stage_config_errors(mutate, message):
   mutate(c)
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(c)
+
+
+def test_bags_stage_trains_a_group_softmax_head(staged, tmp_path):
+  c, workdir, out = staged
+  d = tiny_config(stages="bags", init_from=workdir)
+  d.dataset.val_per_class = 4
+  d.stage.bags.num_epochs = 1
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    res = trainer.train_and_evaluate(d, str(tmp_path))
+    counts = np.asarray(trainer.load_dataset(d).counts)
+  groups = decoupled.bags_groups(counts)
+  G = groups.max() + 1
+  assert G >= 2
+  joint, bags = _leaves(out["variables"]["joint"]), _leaves(res["variables"]["bags"])
+  assert bags["['params']['head']['kernel']"].shape[1] == 10 + G  # C class logits + one "others" per group
+  for k in joint:
+    if "['head']" not in k:
+      np.testing.assert_array_equal(joint[k], bags[k], err_msg=k)
+  s = res["stages"]["bags"]
+  assert 0 <= s["balanced_error_rate"] <= 1 and np.isfinite(s["nll"])

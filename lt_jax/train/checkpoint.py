@@ -7,6 +7,7 @@ at any point resumes from the last complete checkpoint.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -70,6 +71,8 @@ def restore_arrays(mngr: ocp.CheckpointManager, step: int) -> dict:
   meta = mngr.item_metadata(step)["state"]
   target = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta,
                         is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item=None, restore_args=target)))
+  with warnings.catch_warnings():  # host arrays have no sharding to restore
+    warnings.filterwarnings("ignore", message="Sharding info not provided")
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=None, restore_args=target)))
   return restored["state"]

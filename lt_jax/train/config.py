@@ -21,7 +21,7 @@ SAMPLERS = ("instance", "class_balanced", "sqrt", "progressive", "class_aware", 
 SCHEDULES = ("step", "cosine", "constant")
 PROFILES = ("exp", "step", "pareto")
 MIXES = ("none", "mixup", "cutmix", "remix")
-TRAIN_STAGES = ("crt", "lws")            # stages that train (a frozen-backbone classifier)
+TRAIN_STAGES = ("crt", "lws", "bags")    # stages that train (a frozen-backbone classifier)
 EVAL_STAGES = ("tau_norm", "posthoc", "ncm")  # stages that derive a classifier without training
 STAGES = TRAIN_STAGES + EVAL_STAGES
 BBN_MODELS = ("cnn", "resnet20", "resnet32", "resnet44", "resnet56")
@@ -74,18 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       name="sgd", lr=0.1, momentum=0.9, nesterov=False, weight_decay=2e-4, schedule="step",
       warmup_epochs=5.0, decay_epochs=(160, 180), decay_factor=0.01))
-  c.batch_size = 128
-  c.num_epochs = 200
-  c.eval_batch_size = 500
-  c.eval_every_epochs = 10
-  c.checkpoint_every_epochs = 1
-  c.keep_checkpoints = 2
-  c.log_every_steps = 50
-  c.max_steps = -1            # stop early after this many steps (-1: the full schedule)
-  c.multihost = False
-  c.num_devices = 0           # devices on the data mesh (0: all global devices)
-  c.quiet = False
-  c.plots = True
+  run_fields(c, batch_size=128, num_epochs=200, eval_every_epochs=10, log_every_steps=50)
   # Multi-stage runs: the fields above describe the joint stage; `stages` lists the stages
   # that follow it, in order (comma-separated names from STAGES). Each training stage starts
   # from the previous training stage (the joint model first); tau_norm / posthoc / ncm
@@ -100,11 +89,32 @@ def base_config() -> ml_collections.ConfigDict:
         optim=ml_collections.ConfigDict(dict(
             name="sgd", lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4, schedule="cosine",
             warmup_epochs=0.0, decay_epochs=(), decay_factor=0.1))))
+  # BAGS: a fresh group-softmax head (classes binned by training count at bin_split).
+  c.stage.bags = ml_collections.ConfigDict(dict(
+      num_epochs=10, sampler="instance", loss="ce", bin_split=(10.0, 100.0, 1000.0),
+      optim=c.stage.crt.optim.copy_and_resolve_references()))
   grid = tuple(round(0.1 * i, 1) for i in range(21))  # linspace(0, 2, 21), the reference grid
   c.stage.tau_norm = ml_collections.ConfigDict(dict(taus=grid, keep_bias=False, select="balanced_error_rate"))
   c.stage.posthoc = ml_collections.ConfigDict(dict(taus=grid, select="balanced_error_rate"))
   c.stage.ncm = ml_collections.ConfigDict()  # cl2n features, squared L2 (no settings)
   return c
+
+
+def run_fields(c: ml_collections.ConfigDict, *, batch_size: int, num_epochs: int, eval_every_epochs: int,
+               log_every_steps: int) -> None:
+  """The run-control fields every task's schema shares (batching, evaluation, checkpoints)."""
+  c.batch_size = batch_size
+  c.num_epochs = num_epochs
+  c.eval_batch_size = 500
+  c.eval_every_epochs = eval_every_epochs
+  c.checkpoint_every_epochs = 1
+  c.keep_checkpoints = 2
+  c.log_every_steps = log_every_steps
+  c.max_steps = -1            # stop early after this many steps (-1: the full schedule)
+  c.multihost = False
+  c.num_devices = 0           # devices on the data mesh (0: all global devices)
+  c.quiet = False
+  c.plots = True
 
 
 class ConfigError(ValueError):
@@ -194,7 +204,16 @@ def _choice(value, valid, what):
 def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """Rejects bad values with a message naming the valid choices."""
   from lt_jax import losses  # local import: the registry is the source of truth
-  _choice(c.dataset.name, DATASETS, "dataset")
+  if c.dataset.get("source", "memory") != "memory":  # host input pipeline: configs/imagenet_lt.py, inat18.py
+    from lt_jax.data import streaming  # the source names live with the pipeline
+    _choice(c.dataset.source, streaming.STREAM_SOURCES, "dataset.source")
+    unsupported = [s for s in stage_names(c) if s in EVAL_STAGES] + (["model.bbn"] if c.model.bbn else [])
+    if unsupported:
+      raise ConfigError(f"not available for streamed datasets: {', '.join(unsupported)} (they need the "
+                        "dataset in memory); streamed datasets support "
+                        f"the joint stage and the training stages {', '.join(TRAIN_STAGES)}")
+  else:
+    _choice(c.dataset.name, DATASETS, "dataset")
   _choice(c.dataset.profile, PROFILES, "long-tail profile")
   _choice(c.model.name, MODELS, "model")
   _choice(c.model.head, HEADS, "head")
@@ -271,6 +290,11 @@ def validate_stages(c: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"stage.{name} needs num_epochs >= 1 and optim.lr > 0")
   if ("lws" in names or "tau_norm" in names) and c.model.head != "linear":
     raise ConfigError(f"lws and tau_norm rescale a linear classifier; model.head is {c.model.head!r}")
+  if "bags" in names and names[-1] != "bags":
+    raise ConfigError("bags must be the last stage: its group-softmax head has C + G outputs that "
+                      "the other stages do not read")
+  if "bags" in names and c.model.head != "linear":
+    raise ConfigError(f"bags trains a linear group-softmax head; model.head is {c.model.head!r}")
   if "lws" in names and "crt" in names and names.index("lws") < names.index("crt"):
     raise ConfigError("lws before crt: cRT re-initialises the classifier LWS learnt scales for")
   for name in ("tau_norm", "posthoc"):

@@ -83,18 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, momentum=0.9, nesterov=False, weight_decay=0.0, schedule="cosine",
       warmup_epochs=0.0, decay_epochs=(1000,), decay_factor=0.1))
-  c.batch_size = 128
-  c.num_epochs = 3
-  c.eval_batch_size = 500
-  c.eval_every_epochs = 1
-  c.checkpoint_every_epochs = 1
-  c.keep_checkpoints = 2
-  c.log_every_steps = 20
-  c.max_steps = -1
-  c.multihost = False
-  c.num_devices = 0
-  c.quiet = False
-  c.plots = True
+  config_lib.run_fields(c, batch_size=128, num_epochs=3, eval_every_epochs=1, log_every_steps=20)
   return c
 
 
@@ -399,7 +388,7 @@ def train_and_evaluate_regression(config: ml_collections.ConfigDict, workdir: st
   ``train_counts.json``, ``metrics.jsonl`` (train / val / test lines), ``summary.json``, the plot
   ``error_per_bin.png`` and checkpoints to ``workdir``.
   """
-  from lt_jax.train.trainer import NonFiniteLossError, evaluate  # shared with classification
+  from lt_jax.train.trainer import check_finite, evaluate  # shared with classification
   mesh = make_mesh(config.num_devices)
   validate(config, num_devices=mesh.size)
   is_main = jax.process_index() == 0
@@ -471,10 +460,7 @@ def train_and_evaluate_regression(config: ml_collections.ConfigDict, workdir: st
     m = jax.device_get(m)  # blocks: NaN check, no runaway queue on CPU meshes
     step += 1
     seen += config.batch_size
-    if not np.isfinite(m["loss"]):
-      mngr.wait_until_finished()
-      raise NonFiniteLossError(f"non-finite training loss ({m['loss']}) at step {step}; the last good checkpoint "
-                               f"(step {mngr.latest_step()}) is kept in {mngr.directory}")
+    check_finite(m["loss"], step, mngr)
     last = {k: float(v) for k, v in m.items()}
     if bar is not None:
       bar.update(1)

@@ -136,8 +136,9 @@ def _gather(data: TrainData, idx: jax.Array, sharding) -> tuple[jax.Array, jax.A
 
 def make_train_step(model, tx: optax.GradientTransformation, loss: losses_lib.Loss,
                     schedule: optax.Schedule, counts: jax.Array, sc: StepConfig,
-                    mesh: Mesh, grad_mask: Any = None,
-                    host_batches: bool = False) -> Callable[..., tuple[TrainState, dict]]:
+                    mesh: Mesh, grad_mask: Any = None, host_batches: bool = False,
+                    logit_fn: Callable[[jax.Array], jax.Array] | None = None
+                    ) -> Callable[..., tuple[TrainState, dict]]:
   """``step(state, data) -> (state, metrics)``, jitted with the state donated.
 
   ``grad_mask``: a pytree of bools like ``params`` (``True`` = trainable, e.g. from
@@ -148,6 +149,9 @@ def make_train_step(model, tx: optax.GradientTransformation, loss: losses_lib.Lo
   ``host_batches=True``: the step is ``step(state, images, labels)`` with a global batch
   the host input pipeline already drew and augmented (uint8 ``(B, H, W, C)``, int
   ``(B,)``; :mod:`lt_jax.data.streaming`); the device only normalises it.
+
+  ``logit_fn`` maps the model's outputs to class scores for the reported accuracy (e.g.
+  the BAGS group-softmax head, whose ``C + G`` outputs the loss consumes directly).
   """
   sharding = batch_sharded(mesh)
 
@@ -187,7 +191,8 @@ def make_train_step(model, tx: optax.GradientTransformation, loss: losses_lib.Lo
                               opt_state=opt_state, loss_state=loss_state)
     shown = grads if grad_mask is None else jax.tree.map(
         lambda g, m: g if m else jnp.zeros((), g.dtype), grads, grad_mask)
-    metrics = {"loss": value, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+    scores = logits if logit_fn is None else logit_fn(logits)
+    metrics = {"loss": value, "accuracy": jnp.mean(jnp.argmax(scores, -1) == labels),
                "lr": schedule(state.step), "grad_norm": optax.tree_utils.tree_norm(shown)}
     return new_state, metrics
 
@@ -215,13 +220,19 @@ class EvalSums(NamedTuple):
   nll: metrics_lib.NLLSums
 
 
-def make_eval_step(model, num_classes: int, mean, std, mesh: Mesh, num_bins: int = 15):
-  """``eval_step(variables, images, labels, mask) -> EvalSums`` of one (sharded) batch."""
+def make_eval_step(model, num_classes: int, mean, std, mesh: Mesh, num_bins: int = 15,
+                   logit_fn: Callable[[jax.Array], jax.Array] | None = None):
+  """``eval_step(variables, images, labels, mask) -> EvalSums`` of one (sharded) batch.
+
+  ``logit_fn``: model outputs -> ``(B, num_classes)`` class scores (default: the outputs).
+  """
   del mesh  # inputs arrive batch-sharded; XLA reduces the sums across devices.
 
   def eval_step(variables, images, labels, mask):
     x = augment.normalize(images, mean, std)
     logits, _ = model.apply(variables, x, train=False)
+    if logit_fn is not None:
+      logits = logit_fn(logits)
     return sums_from_logits(logits, labels, num_classes, mask, num_bins)
 
   return jax.jit(eval_step, compiler_options=cpu_compiler_options())

@@ -9,7 +9,9 @@ Classifier for Long-Tailed Recognition", ICLR 2020):
 * ``tau_norm``: ``w_c / ||w_c||^tau``, ``tau`` chosen on the validation split;
 * ``posthoc``: post-hoc logit adjustment ``z - tau log pi`` (Menon et al., ICLR 2021), ``tau``
   chosen on the validation split;
-* ``ncm``: nearest class mean of centred, normalised training features.
+* ``ncm``: nearest class mean of centred, normalised training features;
+* ``bags``: a fresh group-softmax classifier (Li et al., CVPR 2020), classes binned by
+  training count, trained on the frozen backbone (must be the last stage).
 
 Training stages swap the optax parameter partition (``decoupled.partitioned_optimizer``:
 frozen leaves get ``set_to_zero`` and no optimiser state) and call the model with
@@ -20,6 +22,7 @@ to ``workdir/stages/<name>/`` and resumes from its own checkpoints; the joint st
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -31,16 +34,24 @@ import ml_collections
 import numpy as np
 
 from lt_jax import decoupled, heads, losses, metrics, priors, samplers
-from lt_jax.data import augment, longtail
+from lt_jax.data import augment, longtail, streaming
 from lt_jax.models import get_model
 from lt_jax.train import checkpoint, config as config_lib, optim, report, steps
-from lt_jax.train.state import TrainState, batch_sharded, create_state, make_mesh, put_global, replicated
+from lt_jax.train.state import batch_sharded, create_state, make_mesh, put_global, replicated
 
 Variables = dict[str, Any]
 
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def check_finite(loss: float, step: int, mngr, where: str = "") -> None:
+  """Raises :class:`NonFiniteLossError` naming the step and the last good checkpoint."""
+  if not np.isfinite(loss):
+    mngr.wait_until_finished()
+    raise NonFiniteLossError(f"non-finite training loss ({loss}) at step {step}{where}; the last good "
+                             f"checkpoint (step {mngr.latest_step()}) is kept in {mngr.directory}")
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> longtail.LTDataset:
@@ -75,7 +86,8 @@ def evaluate(eval_step, variables, images: np.ndarray, labels: np.ndarray, batch
       y = np.concatenate([y, np.zeros((batch_size - valid,), y.dtype)])
     mask = np.arange(batch_size) < valid
     sums = eval_step(variables, put_global(x, sharding), put_global(y, sharding), put_global(mask, sharding))
-    total = steps.add_sums(total, sums)
+    # Block on each batch: queued collectives on an emulated CPU mesh can time out (PLATFORM.md).
+    total = jax.block_until_ready(steps.add_sums(total, sums))
   return total
 
 
@@ -97,6 +109,7 @@ class Context(NamedTuple):
   is_main: bool
   quiet: bool
   log: Callable[..., None]
+  stream: streaming.StreamingRun | None = None  # host input pipeline (datasets too big for device)
 
 
 class StageSpec(NamedTuple):
@@ -110,6 +123,7 @@ class StageSpec(NamedTuple):
   step_config: steps.StepConfig
   trainable: str             # decoupled.TRAINABLE_MODES
   record: dict               # the settings a resumed checkpoint must match
+  logit_fn: Callable | None = None  # model outputs -> class scores (BAGS group softmax)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -128,7 +142,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
   os.makedirs(workdir, exist_ok=True)
 
-  ds = load_dataset(config)
+  stream = streaming.open_run(config, workdir) if config.dataset.get("source", "memory") != "memory" else None
+  ds = load_dataset(config) if stream is None else streamed_dataset(stream)
   counts = np.asarray(ds.counts)
   spe = config_lib.steps_per_epoch(len(ds.train_labels), config.batch_size)
   log(f"lt_jax: {ds.name}-LT IR={priors.imbalance_ratio(counts):.0f} ({len(ds.train_labels)} train / "
@@ -141,7 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data = steps.TrainData(images=put_global(ds.train_images, rep), labels=put_global(ds.train_labels, rep),
                          index=jax.device_put(samplers.build_index(ds.train_labels, ds.num_classes), rep))
   ctx = Context(config, ds, mesh, counts, spe, data, put_global(counts.astype(np.float32), rep),
-                is_main, quiet, log)
+                is_main, quiet, log, stream)
   if is_main:
     report.write_json(os.path.join(workdir, "train_counts.json"),
                       {"counts": counts.tolist(), "prior": np.asarray(priors.prior(counts)).tolist()})
@@ -167,8 +182,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   for name in config_lib.stage_names(config):
     stage_dir = os.path.join(workdir, "stages", name)
     if name in config_lib.TRAIN_STAGES:
-      spec = stage_spec(ctx, name, stage_dir, len(results["stages"]))
-      init = stage_variables(ctx, name, spec.model, variables, len(results["stages"]))
+      spec = stage_spec(ctx, name, stage_dir)
+      init = stage_variables(ctx, name, spec.model, variables)
       st, sums, stage_summary, stage_step = fit(ctx, spec, init)
       model, variables = spec.model, {"params": st.params, "batch_stats": st.batch_stats}
       results["variables"][name] = variables
@@ -180,7 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         report.write_json(os.path.join(stage_dir, "sweep.json"), extra)
     results["stages"][name] = stage_summary
     if is_main:
-      final_report(stage_dir, config, ds, variables["params"] if name != "ncm" else {}, sums,
+      final_report(stage_dir, config, ds, variables["params"] if name not in ("ncm", "bags") else {}, sums,
                    stage_summary, stage_step, log, title=f"stage {name}")
   if is_main and results["stages"]:
     report.write_json(os.path.join(workdir, "stages_summary.json"),
@@ -202,18 +217,25 @@ def joint_spec(ctx: Context, workdir: str) -> StageSpec:
                    c.optim, c.num_epochs, sc, "all", c.to_dict())
 
 
-def stage_spec(ctx: Context, name: str, workdir: str, index: int) -> StageSpec:
+def stage_spec(ctx: Context, name: str, workdir: str) -> StageSpec:
   """A decoupled classifier stage (cRT / LWS) on the frozen backbone."""
   c, s = ctx.config, ctx.config.stage[name]
   loss_name = config_lib.LOSS_ALIASES.get(s.loss, s.loss)
   head = "lws" if name == "lws" else c.model.head
+  loss = losses.make_loss(loss_name, **config_lib.LOSS_DEFAULTS[loss_name])
+  num_outputs, logit_fn = ctx.ds.num_classes, None
+  if name == "bags":
+    groups = jnp.asarray(decoupled.bags_groups(ctx.counts, tuple(s.bin_split)))
+    num_outputs = decoupled.group_softmax_num_outputs(groups)
+    loss = losses.Loss("group_softmax", lambda C: (),
+                       lambda z, y, counts, st: (decoupled.group_softmax_loss(z, y, groups), st))
+    logit_fn = functools.partial(decoupled.group_softmax_logits, groups=groups)
   # Later stages may be added, and resumable fields changed, without invalidating this one.
   joint = config_lib.trajectory_fields(c.to_dict(), drop=("stages", "stage", "init_from"))
-  record = {"stage": name, "index": index, "settings": s.to_dict(), "joint": joint, "init_from": c.init_from}
-  return StageSpec(name, workdir, build_model(c, ctx.ds.num_classes, head=head),
-                   losses.make_loss(loss_name, **config_lib.LOSS_DEFAULTS[loss_name]), s.optim,
+  record = {"stage": name, "settings": s.to_dict(), "joint": joint, "init_from": c.init_from}
+  return StageSpec(name, workdir, build_model(c, num_outputs, head=head), loss, s.optim,
                    int(s.num_epochs), _step_config(ctx, s.sampler, int(s.num_epochs), bn_train=False),
-                   "head" if name == "crt" else "lws_scales", record)
+                   "lws_scales" if name == "lws" else "head", record, logit_fn)
 
 
 def _step_config(ctx: Context, sampler: str, num_epochs: int, bn_train: bool) -> steps.StepConfig:
@@ -224,12 +246,17 @@ def _step_config(ctx: Context, sampler: str, num_epochs: int, bn_train: bool) ->
                           num_classes=ctx.ds.num_classes, bn_train=bn_train)
 
 
-def stage_variables(ctx: Context, name: str, model, variables: Variables, index: int) -> Variables:
-  """The starting point of a training stage: cRT re-initialises the head, LWS adds scales."""
+def stage_variables(ctx: Context, name: str, model, variables: Variables) -> Variables:
+  """The starting point of a training stage: cRT re-initialises the head, LWS adds scales,
+  BAGS puts a fresh head of ``C + G`` outputs on the backbone."""
   params = dict(variables["params"])
+  # A key per stage name: the same stage on the same model starts the same, whatever ran before.
+  key = jax.random.fold_in(jax.random.key(ctx.config.seed), 1000 + config_lib.STAGES.index(name))
+  shape = (1, *ctx.ds.train_images.shape[1:])
   if name == "crt":
-    key = jax.random.fold_in(jax.random.key(ctx.config.seed), 1000 + index)
-    params = decoupled.reinit_head(params, key, model, (1, *ctx.ds.train_images.shape[1:]), train=False)
+    params = decoupled.reinit_head(params, key, model, shape, train=False)
+  elif name == "bags":
+    params["head"] = model.init(key, jnp.zeros(shape), train=False)["params"]["head"]
   else:
     params["head"] = heads.lws_from_linear(params["head"])
   return {"params": params, "batch_stats": variables["batch_stats"]}
@@ -263,8 +290,10 @@ def fit(ctx: Context, spec: StageSpec, variables: Variables | None):
     report.write_json(os.path.join(spec.workdir, "config.json"), spec.record)
 
   train_step = steps.make_train_step(spec.model, tx, spec.loss, schedule, ctx.counts_dev, spec.step_config,
-                                     mesh, grad_mask=grad_mask)
-  eval_step = steps.make_eval_step(spec.model, ctx.ds.num_classes, tuple(ctx.ds.mean), tuple(ctx.ds.std), mesh)
+                                     mesh, grad_mask=grad_mask, logit_fn=spec.logit_fn,
+                                     host_batches=ctx.stream is not None)
+  eval_step = steps.make_eval_step(spec.model, ctx.ds.num_classes, tuple(ctx.ds.mean), tuple(ctx.ds.std), mesh,
+                                   logit_fn=spec.logit_fn)
   writer = report.MetricWriter(spec.workdir, enabled=ctx.is_main)
   sampler = spec.step_config.sampler
 
@@ -274,10 +303,20 @@ def fit(ctx: Context, spec: StageSpec, variables: Variables | None):
             "metrics": last}
 
   def test_sums(state):
-    return evaluate(eval_step, {"params": state.params, "batch_stats": state.batch_stats},
-                    ctx.ds.test_images, ctx.ds.test_labels, config.eval_batch_size, mesh)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    if ctx.stream is not None:
+      return evaluate_stream(eval_step, variables, ctx.stream, config.eval_batch_size, mesh)
+    return evaluate(eval_step, variables, ctx.ds.test_images, ctx.ds.test_labels, config.eval_batch_size, mesh)
 
   step = int(state.step)
+  batches = None
+  if ctx.stream is not None:  # the pipeline's position is the step: resuming replays it exactly
+    sc = spec.step_config
+    batches = streaming.train_arrays(
+        ctx.stream, batch_sharded(mesh), batch_size=sc.batch_size, sampler=sc.sampler,
+        seed=config.seed if spec.name == "joint" else config.seed + 1000 * (1 + config_lib.STAGES.index(spec.name)),
+        num_epochs=spec.num_epochs, steps_per_epoch=spe, k_per_class=sc.k_per_class,
+        defer_epochs=sc.defer_epochs, start_step=step, end_step=last_step)
   bar = None
   if not ctx.quiet and ctx.is_main and step < last_step:
     from tqdm.auto import tqdm
@@ -288,15 +327,15 @@ def fit(ctx: Context, spec: StageSpec, variables: Variables | None):
   last_metrics: dict[str, float] = {}
   t0, seen = time.time(), 0
   while step < last_step:
-    state, m = train_step(state, ctx.data)
+    if batches is None:
+      state, m = train_step(state, ctx.data)
+    else:
+      b = next(batches)
+      state, m = train_step(state, b["image"], b["label"])
     m = jax.device_get(m)  # blocks on the step: NaN check and no runaway queue on CPU meshes
     step += 1
     seen += config.batch_size
-    if not np.isfinite(m["loss"]):
-      mngr.wait_until_finished()
-      raise NonFiniteLossError(
-          f"non-finite training loss ({m['loss']}) at step {step} of stage {spec.name}; the last good "
-          f"checkpoint (step {mngr.latest_step()}) is kept in {mngr.directory}")
+    check_finite(m["loss"], step, mngr, f" of stage {spec.name}")
     last_metrics = {k: float(v) for k, v in m.items()}
     if bar is not None:
       bar.update(1)
@@ -322,10 +361,40 @@ def fit(ctx: Context, spec: StageSpec, variables: Variables | None):
   return state, sums, summary, step
 
 
+def streamed_dataset(run: streaming.StreamingRun) -> longtail.LTDataset:
+  """An ``LTDataset`` view of a streamed dataset: labels and counts; images stay on disk.
+
+  The image arrays hold one zero image (their shape is the model input's); the train step
+  gets its batches from ``streaming.train_arrays`` and evaluation reads the test split with
+  ``streaming.eval_arrays``.
+  """
+  blank = np.zeros((1, *run.image_shape), np.uint8)
+  counts = run.counts.astype(np.int64)
+  return longtail.LTDataset(
+      name=run.name, num_classes=run.num_classes, image_shape=run.image_shape, class_names=run.class_names,
+      train_images=blank, train_labels=run.train_labels, train_indices=np.arange(len(run.train_labels)),
+      val_images=blank[:0], val_labels=np.zeros((0,), np.int32), val_indices=np.zeros((0,), np.int64),
+      test_images=blank, test_labels=run.test_labels, counts=counts,
+      prior=np.asarray(priors.prior(counts), np.float32), mean=run.mean, std=run.std,
+      imbalance_ratio=float(priors.imbalance_ratio(counts)), profile="natural", seed=0,
+      n_max=int(counts.max()), val_per_class=0)
+
+
+def evaluate_stream(eval_step, variables, run: streaming.StreamingRun, batch_size: int, mesh) -> steps.EvalSums:
+  """One pass over the streamed test split (each process decodes its rows), sums on device."""
+  total = None
+  for b in streaming.eval_arrays(run, batch_sharded(mesh), batch_size):
+    total = jax.block_until_ready(steps.add_sums(total, eval_step(variables, b["image"], b["label"], b["mask"])))
+  return total
+
+
 def evaluate_variables(ctx: Context, model, variables: Variables) -> tuple[dict, steps.EvalSums]:
   eval_step = steps.make_eval_step(model, ctx.ds.num_classes, tuple(ctx.ds.mean), tuple(ctx.ds.std), ctx.mesh)
-  sums = evaluate(eval_step, variables, ctx.ds.test_images, ctx.ds.test_labels,
-                  ctx.config.eval_batch_size, ctx.mesh)
+  if ctx.stream is not None:
+    sums = evaluate_stream(eval_step, variables, ctx.stream, ctx.config.eval_batch_size, ctx.mesh)
+  else:
+    sums = evaluate(eval_step, variables, ctx.ds.test_images, ctx.ds.test_labels,
+                    ctx.config.eval_batch_size, ctx.mesh)
   return summarize(sums, ctx.counts), sums
 
 
