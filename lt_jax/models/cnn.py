@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from lt_jax.models.layers import (Backbone, Conv, batch_norm, kaiming_normal, resolve_conv_impl,
-                                  resolve_dtype)
+from lt_jax.models.layers import (Backbone, Conv, batch_norm, bbn_features, check_no_bbn_args,
+                                  kaiming_normal, resolve_conv_impl, resolve_dtype)
 
 Array = jax.Array
 
@@ -99,17 +99,12 @@ class SmallCNN(Backbone):
     dtype = resolve_dtype(self.dtype)
     layers = self._trunk_layers(train, impl, dtype)
     if not self.bbn:
-      if x_rb is not None or alpha is not None:
-        raise ValueError("x_rb / alpha are only used by the BBN variant (bbn=True)")
+      check_no_bbn_args(x_rb, alpha)
       features = self._branch(self._trunk(layers, x, dtype), train, dtype, "")
     else:
       f_cb = self._branch(self._trunk(layers, x, dtype), train, dtype, "")
       h_rb = self._trunk(layers, x if x_rb is None else x_rb, dtype)
       f_rb = self._branch(h_rb, train, dtype, "_rb")
-      if alpha is None:
-        features = jnp.concatenate([f_cb, f_rb], axis=-1)
-      else:
-        a = jnp.asarray(alpha, jnp.float32)
-        features = jnp.concatenate([2.0 * a * f_cb, 2.0 * (1.0 - a) * f_rb], axis=-1)
+      features = bbn_features(f_cb, f_rb, alpha)
     logits = self.head_module()(features)
     return logits, features

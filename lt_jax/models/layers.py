@@ -388,6 +388,24 @@ class Backbone(nn.Module):
     return make_head(self.head, self.num_classes, self.cosine_scale, self.head_bias)
 
 
+def bbn_features(f_cb: Array, f_rb: Array, alpha: Array | float | None) -> Array:
+  """BBN feature mixing (Zhou et al., CVPR 2020, ``combiner.py`` ``bbn_mix``; REFERENCE.md §3).
+
+  Training (``alpha`` given): ``[2 alpha f_cb ; 2 (1 - alpha) f_rb]``; test (``alpha=None``):
+  ``[f_cb ; f_rb]``, which equals ``alpha = 0.5``. Used by every BBN backbone.
+  """
+  if alpha is None:
+    return jnp.concatenate([f_cb, f_rb], axis=-1)
+  a = jnp.asarray(alpha, jnp.float32)
+  return jnp.concatenate([2.0 * a * f_cb, 2.0 * (1.0 - a) * f_rb], axis=-1)
+
+
+def check_no_bbn_args(x_rb: Array | None, alpha: Array | float | None) -> None:
+  """A backbone built without ``bbn=True`` refuses BBN's second batch and ``alpha``."""
+  if x_rb is not None or alpha is not None:
+    raise ValueError("x_rb / alpha are only used by the BBN variant (bbn=True)")
+
+
 def global_avg_pool(x: Array) -> Array:
   """Mean over H and W in float32: ``(B, H, W, C) -> (B, C)``."""
   return jnp.mean(x.astype(jnp.float32), axis=(1, 2))

@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from lt_jax.models.layers import (Backbone, Conv, batch_norm, global_avg_pool,
-                                  resolve_conv_impl, resolve_dtype)
+from lt_jax.models.layers import (Backbone, Conv, batch_norm, bbn_features, check_no_bbn_args,
+                                  global_avg_pool, resolve_conv_impl, resolve_dtype)
 
 Array = jax.Array
 
@@ -162,8 +162,7 @@ class CifarResNet(Backbone):
     dtype = resolve_dtype(self.dtype)
     layers, last_stride = self._trunk_layers(train, impl, dtype)
     if not self.bbn:
-      if x_rb is not None or alpha is not None:
-        raise ValueError("x_rb / alpha are only used by the BBN variant (bbn=True)")
+      check_no_bbn_args(x_rb, alpha)
       features = global_avg_pool(self._apply_trunk(layers, x, train, dtype))
     else:
       planes = self.widths[-1]
@@ -173,11 +172,7 @@ class CifarResNet(Backbone):
       h_rb = h_cb if x_rb is None else self._apply_trunk(layers, x_rb, train, dtype)
       f_cb = global_avg_pool(cb_block(h_cb, train))
       f_rb = global_avg_pool(rb_block(h_rb, train))
-      if alpha is None:
-        features = jnp.concatenate([f_cb, f_rb], axis=-1)
-      else:
-        a = jnp.asarray(alpha, jnp.float32)
-        features = jnp.concatenate([2.0 * a * f_cb, 2.0 * (1.0 - a) * f_rb], axis=-1)
+      features = bbn_features(f_cb, f_rb, alpha)
     logits = self.head_module()(features)
     return logits, features
 

@@ -19,6 +19,7 @@ from lt_jax import metrics as metrics_lib
 from lt_jax import decoupled, mixing, samplers
 from lt_jax.data import augment
 from lt_jax.models import cpu_compiler_options
+from lt_jax.train.config import MIXES
 from lt_jax.train.state import TrainState, batch_sharded
 
 
@@ -57,9 +58,6 @@ class StepConfig(NamedTuple):
   remix_kappa: float = 3.0
   remix_tau: float = 0.5
   bbn: bool = False
-
-
-MIXES = ("none", "mixup", "cutmix", "remix")
 
 
 def _instance_indices(key: jax.Array, step: jax.Array, n: int, sc: StepConfig) -> jax.Array:
@@ -124,7 +122,7 @@ def mix_batch(key: jax.Array, x: jax.Array, labels: jax.Array, counts: jax.Array
     x, _, lam, perm = mixing.mixup(key, x, labels, C, sc.mix_alpha)
     w = mixing.remix_weights(labels, perm, lam, counts, sc.remix_kappa, sc.remix_tau)
   else:
-    raise ValueError(f"unknown mix {sc.mix!r}; valid: {', '.join(MIXES)}")
+    raise ValueError(f"unknown mix {sc.mix!r}; valid: {', '.join(MIXES)}")  # config.validate checks first
   return x, labels[perm], w
 
 

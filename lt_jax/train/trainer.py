@@ -73,17 +73,23 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, head: str |
                    dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32, **kw)
 
 
+def padded_batches(arrays: tuple[np.ndarray, ...], batch_size: int):
+  """Yields ``(batch of each array, number of real rows)``; the last batch is zero-padded to
+  ``batch_size`` so every call has one shape (one compilation)."""
+  for start in range(0, len(arrays[0]), batch_size):
+    batch = tuple(a[start:start + batch_size] for a in arrays)
+    valid = len(batch[0])
+    if valid < batch_size:
+      batch = tuple(np.concatenate([b, np.zeros((batch_size - valid, *b.shape[1:]), b.dtype)]) for b in batch)
+    yield batch, valid
+
+
 def evaluate(eval_step, variables, images: np.ndarray, labels: np.ndarray, batch_size: int,
              mesh) -> steps.EvalSums:
   """One pass over a split: per-batch sums accumulated on device (padded last batch masked)."""
   sharding = batch_sharded(mesh)
   total = None
-  for start in range(0, len(labels), batch_size):
-    x, y = images[start:start + batch_size], labels[start:start + batch_size]
-    valid = len(y)
-    if valid < batch_size:  # pad to a fixed shape (one compilation), mask the padding
-      x = np.concatenate([x, np.zeros((batch_size - valid, *x.shape[1:]), x.dtype)])
-      y = np.concatenate([y, np.zeros((batch_size - valid,), y.dtype)])
+  for (x, y), valid in padded_batches((images, labels), batch_size):
     mask = np.arange(batch_size) < valid
     sums = eval_step(variables, put_global(x, sharding), put_global(y, sharding), put_global(mask, sharding))
     # Block on each batch: queued collectives on an emulated CPU mesh can time out (PLATFORM.md).
@@ -179,6 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if is_main:
       final_report(workdir, config, ds, variables["params"], sums, summary, step, log)
   results = {"step": step, **summary, "state": state, "stages": {}, "variables": {"joint": variables}}
+  outputs = None  # the current model's outputs, shared by the stages that only read them
   for name in config_lib.stage_names(config):
     stage_dir = os.path.join(workdir, "stages", name)
     if name in config_lib.TRAIN_STAGES:
@@ -187,8 +194,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       st, sums, stage_summary, stage_step = fit(ctx, spec, init)
       model, variables = spec.model, {"params": st.params, "batch_stats": st.batch_stats}
       results["variables"][name] = variables
+      outputs = None
     else:
-      stage_summary, sums, extra = EVAL_STAGES[name](ctx, model, variables)
+      outputs = outputs or model_outputs(ctx, model, variables)
+      stage_summary, sums, extra = EVAL_STAGES[name](ctx, variables, outputs)
       stage_step = 0
       if is_main:
         os.makedirs(stage_dir, exist_ok=True)
@@ -442,21 +451,28 @@ def load_variables(path: str, config: ml_collections.ConfigDict, model, ds, mesh
 # Stages without training: tau-norm, post-hoc logit adjustment, NCM.
 
 
-def collect(ctx: Context, model, variables: Variables, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Logits and features of a split (eval mode, no augmentation), gathered on the host."""
+def model_outputs(ctx: Context, model, variables: Variables) -> Callable[[str], tuple[np.ndarray, np.ndarray]]:
+  """``outputs(split) -> (logits, features)`` of ``'train'`` / ``'val'`` / ``'test'`` on the host.
+
+  Eval mode, no augmentation; one compiled forward pass, and each split is computed at most
+  once per model, however many stages (tau-norm, post-hoc, NCM) read it.
+  """
   mean, std = tuple(ctx.ds.mean), tuple(ctx.ds.std)
   fn = jax.jit(lambda v, x: model.apply(v, augment.normalize(x, mean, std), train=False))
-  bs, sharding = ctx.config.eval_batch_size, batch_sharded(ctx.mesh)
-  logits, feats = [], []
-  for start in range(0, len(images), bs):
-    x = images[start:start + bs]
-    n = len(x)
-    if n < bs:
-      x = np.concatenate([x, np.zeros((bs - n, *x.shape[1:]), x.dtype)])
-    z, f = jax.device_get(fn(variables, put_global(x, sharding)))
-    logits.append(np.asarray(z, np.float32)[:n])
-    feats.append(np.asarray(f, np.float32)[:n])
-  return np.concatenate(logits), np.concatenate(feats)
+  sharding = batch_sharded(ctx.mesh)
+  cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+  def outputs(split: str) -> tuple[np.ndarray, np.ndarray]:
+    if split not in cache:
+      logits, feats = [], []
+      for (x,), n in padded_batches((getattr(ctx.ds, f"{split}_images"),), ctx.config.eval_batch_size):
+        z, f = jax.device_get(fn(variables, put_global(x, sharding)))
+        logits.append(np.asarray(z, np.float32)[:n])
+        feats.append(np.asarray(f, np.float32)[:n])
+      cache[split] = np.concatenate(logits), np.concatenate(feats)
+    return cache[split]
+
+  return outputs
 
 
 def _summary_of_logits(ctx: Context, logits: np.ndarray, labels: np.ndarray) -> tuple[dict, steps.EvalSums]:
@@ -470,13 +486,13 @@ def _sweep_record(taus, val: dict, test: dict, index: int, select: str) -> dict:
           "select": select, "val": lists(val), "test": lists(test)}
 
 
-def tau_norm_stage(ctx: Context, model, variables: Variables):
+def tau_norm_stage(ctx: Context, variables: Variables, outputs):
   """tau-normalisation (Kang et al., ICLR 2020): ``z = f . w_c / ||w_c||^tau``, tau on val."""
   s = ctx.config.stage.tau_norm
   head = variables["params"]["head"]
   bias = head.get("bias") if s.keep_bias else None
-  _, f_val = collect(ctx, model, variables, ctx.ds.val_images)
-  _, f_test = collect(ctx, model, variables, ctx.ds.test_images)
+  _, f_val = outputs("val")
+  _, f_test = outputs("test")
   taus = np.asarray(s.taus, np.float32)
   kw = dict(bias=bias, train_counts=ctx.counts)
   val = decoupled.tau_norm_sweep(f_val, head["kernel"], ctx.ds.val_labels, taus, **kw)
@@ -490,11 +506,11 @@ def tau_norm_stage(ctx: Context, model, variables: Variables):
   return {**summary, "tau": float(taus[i])}, sums, _sweep_record(taus, val, test, i, s.select)
 
 
-def posthoc_stage(ctx: Context, model, variables: Variables):
+def posthoc_stage(ctx: Context, variables: Variables, outputs):
   """Post-hoc logit adjustment (Menon et al., ICLR 2021): ``argmax z - tau log pi``, tau on val."""
   s = ctx.config.stage.posthoc
-  z_val, _ = collect(ctx, model, variables, ctx.ds.val_images)
-  z_test, _ = collect(ctx, model, variables, ctx.ds.test_images)
+  z_val, _ = outputs("val")
+  z_test, _ = outputs("test")
   taus = np.asarray(s.taus, np.float32)
   prior = priors.prior(ctx.counts)
   val = decoupled.posthoc_sweep(z_val, ctx.ds.val_labels, prior, taus, train_counts=ctx.counts)
@@ -506,10 +522,10 @@ def posthoc_stage(ctx: Context, model, variables: Variables):
   return {**summary, "tau": float(taus[i])}, sums, _sweep_record(taus, val, test, i, s.select)
 
 
-def ncm_stage(ctx: Context, model, variables: Variables):
+def ncm_stage(ctx: Context, variables: Variables, outputs):
   """Nearest class mean on 'cl2n' features (Kang et al., ICLR 2020, ``KNNClassifier``)."""
-  _, f_train = collect(ctx, model, variables, ctx.ds.train_images)
-  _, f_test = collect(ctx, model, variables, ctx.ds.test_images)
+  _, f_train = outputs("train")
+  _, f_test = outputs("test")
   centroids, center = heads.ncm_centroids(jnp.asarray(f_train), ctx.ds.train_labels, ctx.ds.num_classes)
   logits = heads.ncm_logits(jnp.asarray(f_test), centroids, center)
   summary, sums = _summary_of_logits(ctx, np.asarray(logits), ctx.ds.test_labels)
