@@ -13,7 +13,6 @@ Variant keys: method (vanilla | sqinv | lds | fds | lds_fds | balanced_mse), los
 """
 
 from lt_jax.train import config as cfg
-from lt_jax.train import regression_trainer as rt
 
 
 def get_config(arg: str | None = None):
@@ -22,12 +21,12 @@ def get_config(arg: str | None = None):
   unknown = set(variant) - set(allowed)
   if unknown:
     raise cfg.ConfigError(f"unknown config variant key(s) {sorted(unknown)}; valid keys: {', '.join(allowed)}")
-  c = rt.base_config()
+  c = cfg.regression_config()
   if "loss" in variant:
-    if variant["loss"] not in rt.DIR_LOSSES:
-      raise cfg.ConfigError(f"unknown regression loss {variant['loss']!r}; valid losses: {', '.join(rt.DIR_LOSSES)}")
+    if variant["loss"] not in cfg.DIR_LOSSES:
+      raise cfg.ConfigError(f"unknown regression loss {variant['loss']!r}; valid losses: {', '.join(cfg.DIR_LOSSES)}")
     c.loss.name = variant["loss"]
-  rt.set_method(c, str(variant.get("method", "vanilla")))
+  cfg.set_dir_method(c, str(variant.get("method", "vanilla")))
   if "seed" in variant:
     c.seed = int(variant["seed"])
   if variant.get("smoke"):

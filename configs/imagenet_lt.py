@@ -26,14 +26,13 @@ Variant keys: model=resnext50|resnet50, source=tfds|folder, loss, sampler, head,
 smoke (a generated 12-class JPEG fixture, ResNet-20 at 32x32, 3 steps).
 """
 
-from lt_jax.data import streaming
 from lt_jax.train import config as cfg
 
 
 def recipe(c, *, name: str, tfds_name: str, num_classes: int, train_split: str, test_split: str,
            folder_splits: tuple[str, str], model: str, variant: dict):
   """The decoupling recipe on a streamed dataset (shared with ``configs/inat18.py``)."""
-  streaming.add_streaming_fields(c, name=name, tfds_name=tfds_name, num_classes=num_classes,
+  cfg.add_streaming_fields(c, name=name, tfds_name=tfds_name, num_classes=num_classes,
                                  train_split=train_split, test_split=test_split)
   c.model.name = str(variant.get("model", model))
   if c.model.name not in ("resnet50", "resnext50"):

@@ -208,8 +208,7 @@ def test_ldam_drw_recipe_defers_to_the_first_decay(tmp_path):
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
     ds = trainer.load_dataset(c)
   spe = config_lib.steps_per_epoch(len(ds.train_labels), c.batch_size)
-  ctx = trainer.Context(c, ds, None, np.asarray(ds.counts), spe, None, None, True, True, print)
-  loss = trainer.joint_spec(ctx, str(tmp_path)).loss
+  loss = trainer.make_loss(c, spe)
   z = jax.random.normal(jax.random.key(0), (4, 10)) * 0.3
   yy = jnp.array([0, 9, 3, 9])
   n = jnp.asarray(ds.counts, jnp.float32)

@@ -314,12 +314,6 @@ def test_smoke_configs_open_a_generated_fixture(tmp_path):
   assert len(ev) == 3 and sum(int(np.asarray(b["mask"]).sum()) for b in ev) == 72
 
 
-def _trainer_streams() -> bool:
-  from lt_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  return hasattr(trainer, "evaluate_stream")
-
-
-@pytest.mark.skipif(not _trainer_streams(), reason="the trainer's streaming branch is not wired in yet (issue 6)")
 def test_streamed_training_resumes_exactly(tmp_path):
   """iNat18 smoke on the 2-device mesh: 4 steps straight == 2 steps, stop, resume to 4 (bitwise)."""
   import sys

@@ -97,6 +97,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.stage.tau_norm = ml_collections.ConfigDict(dict(taus=grid, keep_bias=False, select="balanced_error_rate"))
   c.stage.posthoc = ml_collections.ConfigDict(dict(taus=grid, select="balanced_error_rate"))
   c.stage.ncm = ml_collections.ConfigDict()  # cl2n features, squared L2 (no settings)
+  # Evaluators as data (lt_jax.train.evaluators.EVALUATORS): run every eval_every_epochs during
+  # training (or their own every_epochs / every_steps) and at the end of every training stage.
+  # The first one's result is the stage's summary.json.
+  c.evals = ml_collections.ConfigDict({"test": ml_collections.ConfigDict(dict(type="classification",
+                                                                              split="test"))})
   return c
 
 
@@ -115,6 +120,14 @@ def run_fields(c: ml_collections.ConfigDict, *, batch_size: int, num_epochs: int
   c.num_devices = 0           # devices on the data mesh (0: all global devices)
   c.quiet = False
   c.plots = True
+  # Durations: a *_steps (or *_examples) value, when set, replaces the *_epochs one (durations.py).
+  for prefix in ("eval_every", "checkpoint_every"):
+    c[f"{prefix}_steps"] = ml_collections.config_dict.placeholder(int)
+    c[f"{prefix}_examples"] = ml_collections.config_dict.placeholder(int)
+  # "auto": wait for every step only on several emulated CPU devices (PLATFORM.md's deadlock);
+  # "always" / "never" override (loop.blocks_every_step).
+  c.host_sync = "auto"
+  c.transfer_guard = False    # run the hot loop under jax.transfer_guard("disallow") (a test's check)
 
 
 class ConfigError(ValueError):
@@ -309,6 +322,147 @@ def validate_stages(c: ml_collections.ConfigDict) -> None:
                           "data (never on test): set dataset.val_per_class, e.g. 20")
 
 
+# ============================================================================ deep imbalanced regression
+
+DIR_DATASETS = ("rotated_fashion_mnist", "csv")
+DIR_LOSSES = ("mse", "l1", "huber", "focal_r", "balanced_mse")
+DIR_METHODS = ("vanilla", "sqinv", "lds", "fds", "lds_fds", "balanced_mse")
+
+
+def regression_config() -> ml_collections.ConfigDict:
+  """The regression schema (``task='regression'``), defaults = the rotated Fashion-MNIST DIR recipe.
+
+  ``lds.reweight`` ('none' | 'sqrt_inv' | 'inverse') turns on per-example weights,
+  ``lds.enabled`` smooths the density first (LDS); ``fds.enabled`` turns on FDS. Unset string /
+  size fields of ``dataset`` ('' / 0) mean "not used" (the CSV loader's options).
+  """
+  c = ml_collections.ConfigDict()
+  c.task = "regression"
+  c.seed = 0
+  c.dataset = ml_collections.ConfigDict(dict(
+      name="rotated_fashion_mnist", data_dir="", max_angle=90, n_max=400, imbalance_ratio=100.0,
+      val_per_bin=10, test_per_bin=30, subset_seed=0,
+      csv="", image_root="", arrays="", target_col="", image_size=(0, 0), channels=0))
+  c.bins = ml_collections.ConfigDict(dict(start=0.0, stop=90.0, width=1.0, many=100, few=20))
+  c.model = ml_collections.ConfigDict(dict(name="cnn", dtype="float32", normalize_targets=True))
+  c.loss = ml_collections.ConfigDict(dict(
+      name="mse", huber_beta=1.0, focal_kind="l1", focal_beta=0.2, focal_gamma=1.0,
+      focal_activation="sigmoid", noise_sigma=8.0, learn_noise=True, sigma_lr=0.05))
+  c.lds = ml_collections.ConfigDict(dict(reweight="none", enabled=False, kernel="gaussian", ks=5, sigma=2.0,
+                                         clip=(5.0, 1000.0)))
+  c.fds = ml_collections.ConfigDict(dict(enabled=False, kernel="gaussian", ks=5, sigma=2.0, momentum=0.9,
+                                         start_update=0, start_smooth=1, clip=(0.1, 10.0)))
+  c.augment = ml_collections.ConfigDict(dict(crop_pad=2))
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-3, momentum=0.9, nesterov=False, weight_decay=0.0, schedule="cosine",
+      warmup_epochs=0.0, decay_epochs=(1000,), decay_factor=0.1))
+  run_fields(c, batch_size=128, num_epochs=3, eval_every_epochs=1, log_every_steps=20)
+  return c
+
+
+def set_dir_method(c: ml_collections.ConfigDict, method: str) -> None:
+  """``vanilla`` (plain loss), ``sqinv`` (sqrt-inverse weights), ``lds``, ``fds``, ``lds_fds``, ``balanced_mse``."""
+  if method not in DIR_METHODS:
+    raise ConfigError(f"unknown DIR method {method!r}; valid methods: {', '.join(DIR_METHODS)}")
+  c.lds.reweight = "sqrt_inv" if method in ("sqinv", "lds", "lds_fds") else "none"
+  c.lds.enabled = method in ("lds", "lds_fds")
+  c.fds.enabled = method in ("fds", "lds_fds")
+  if method == "balanced_mse":
+    c.loss.name = "balanced_mse"
+
+
+def _positive(values: dict) -> None:
+  for key, value in values.items():
+    if not value > 0:
+      raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def validate_regression(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """Rejects bad regression configs with :class:`ConfigError` naming valid choices."""
+  from lt_jax import regression  # the kernel / re-weighting names live with the functions
+  from lt_jax.models import MODELS
+  if c.get("task", "classification") != "regression":
+    raise ConfigError(f"task must be 'regression' for train_and_evaluate_regression, got {c.get('task')!r}")
+  d = c.dataset
+  _choice(d.name, DIR_DATASETS, "regression dataset")
+  if d.name == "csv":
+    if not d.csv:
+      raise ConfigError("dataset.name='csv' needs dataset.csv (a CSV of path/index, target, split rows)")
+    if bool(d.image_root) == bool(d.arrays):
+      raise ConfigError("dataset.name='csv' needs exactly one of dataset.image_root (image folder) or "
+                        "dataset.arrays (.npz of images)")
+    _choice(d.channels, (0, 1, 3), "dataset.channels (0 = auto)")
+  _choice(c.model.name, MODELS, "model")
+  _choice(c.model.dtype, ("float32", "bfloat16"), "model dtype")
+  _choice(c.loss.name, DIR_LOSSES, "regression loss")
+  _choice(c.loss.focal_kind, regression.FOCAL_KINDS, "loss.focal_kind")
+  _choice(c.loss.focal_activation, regression.FOCAL_ACTIVATIONS, "loss.focal_activation")
+  _choice(c.lds.reweight, regression.REWEIGHTS, "lds.reweight")
+  _choice(c.lds.kernel, regression.KERNELS, "lds.kernel")
+  _choice(c.fds.kernel, regression.KERNELS, "fds.kernel")
+  _choice(c.optim.schedule, SCHEDULES, "lr schedule")
+  _choice(c.optim.name, ("sgd", "adamw"), "optimizer")
+  if c.lds.enabled and c.lds.reweight == "none":
+    raise ConfigError("lds.enabled needs lds.reweight='sqrt_inv' or 'inverse' (LDS smooths the density the "
+                      "weights invert), got 'none'")
+  for key in ("lds.ks", "fds.ks"):
+    ks = c[key.split(".")[0]].ks
+    if not isinstance(ks, int) or ks < 1 or ks % 2 == 0:
+      raise ConfigError(f"{key} must be an odd positive int (e.g. 5), got {ks!r}")
+  _positive({"bins.width": c.bins.width, "bins.stop - bins.start": c.bins.stop - c.bins.start,
+             "lds.sigma": c.lds.sigma, "fds.sigma": c.fds.sigma, "loss.huber_beta": c.loss.huber_beta,
+             "loss.focal_beta": c.loss.focal_beta, "loss.focal_gamma": c.loss.focal_gamma,
+             "loss.noise_sigma": c.loss.noise_sigma, "loss.sigma_lr": c.loss.sigma_lr, "optim.lr": c.optim.lr,
+             "batch_size": c.batch_size, "eval_batch_size": c.eval_batch_size, "num_epochs": c.num_epochs,
+             "log_every_steps": c.log_every_steps, "eval_every_epochs": c.eval_every_epochs,
+             "checkpoint_every_epochs": c.checkpoint_every_epochs})
+  if not 0.0 <= c.fds.momentum <= 1.0:
+    raise ConfigError(f"fds.momentum must be in [0, 1], got {c.fds.momentum}")
+  if c.fds.start_update < 0 or c.fds.start_smooth < 0:
+    raise ConfigError(f"fds.start_update and fds.start_smooth must be >= 0, got {c.fds.start_update}, "
+                      f"{c.fds.start_smooth}")
+  lo, hi = c.fds.clip
+  if not 0 < lo <= hi:
+    raise ConfigError(f"fds.clip must be (lo, hi) with 0 < lo <= hi, got {tuple(c.fds.clip)}")
+  if not c.bins.many >= c.bins.few >= 0:
+    raise ConfigError(f"bins.many must be >= bins.few >= 0, got {c.bins.many}, {c.bins.few}")
+  for key in ("batch_size", "eval_batch_size"):
+    if c[key] % num_devices:
+      raise ConfigError(f"{key}={c[key]} is not divisible by the number of devices ({num_devices}); "
+                        f"use a multiple of {num_devices}")
+  if c.loss.name == "balanced_mse" and c.batch_size < 2:
+    raise ConfigError("balanced_mse contrasts each prediction with the batch's other targets: batch_size >= 2")
+
+
+# ============================================================================ streamed datasets
+
+
+def add_streaming_fields(c, *, name: str, tfds_name: str, num_classes: int, train_split: str, test_split: str,
+                         image_size: int = 224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+  """Adds the streaming-dataset fields to a run config ``c`` (``configs/imagenet_lt.py``, ``inat18.py``).
+
+  ``c.dataset``: ``source`` (``lt_jax.data.streaming.STREAM_SOURCES``), ``tfds_name``, ``root``,
+  ``train_split`` / ``test_split`` (tfds split names or split-list files), ``num_classes``,
+  ``image_size``, ``mean`` / ``std`` (on pixel / 255), ``fixture`` (settings of the
+  generated ``smoke`` data). ``c.input``: ``num_threads`` (0: CPU count), ``prefetch``,
+  ``train_transform`` / ``eval_transform`` (``lt_jax.data.streaming.TRANSFORMS``), ``min_scale``
+  of the random-resized crop, ``crop_fraction`` of the evaluation centre crop, ``jpeg_draft``.
+  """
+  d = c.dataset
+  d.name, d.source, d.tfds_name, d.root = name, "tfds", tfds_name, ""
+  d.train_split, d.test_split, d.num_classes, d.image_size = train_split, test_split, num_classes, image_size
+  d.mean, d.std = tuple(mean), tuple(std)
+  d.fixture = ml_collections.ConfigDict(dict(num_classes=12, max_per_class=40, imbalance_ratio=10.0,
+                                             test_per_class=6, size=32, seed=0))
+  c.input = ml_collections.ConfigDict(dict(num_threads=0, prefetch=2, train_transform="random_resized_crop",
+                                           eval_transform="center_crop", min_scale=0.08, crop_fraction=0.875,
+                                           jpeg_draft=True))
+  return c
+
+
+# ============================================================================ durations and resuming
+
+
 def steps_per_epoch(num_train: int, batch_size: int) -> int:
   """One epoch = one pass worth of the long-tailed training set, drop-last."""
   if num_train < batch_size:
@@ -320,7 +474,8 @@ def steps_per_epoch(num_train: int, batch_size: int) -> int:
 # Stages are recorded by each stage's own checkpoints, so adding one keeps the joint run.
 RESUMABLE_FIELDS = ("quiet", "plots", "log_every_steps", "eval_every_epochs", "max_steps",
                     "keep_checkpoints", "checkpoint_every_epochs", "eval_batch_size", "multihost", "num_devices",
-                    "dataset.data_dir", "stages", "stage", "init_from")
+                    "dataset.data_dir", "stages", "stage", "init_from", "eval_every_steps", "eval_every_examples",
+                    "checkpoint_every_steps", "checkpoint_every_examples", "host_sync", "transfer_guard", "evals")
 
 
 def trajectory_fields(d: dict, drop: tuple[str, ...] = ()) -> dict:

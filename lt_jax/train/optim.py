@@ -1,9 +1,11 @@
-"""Learning-rate schedules and optax optimizers from a config (epochs -> steps here only)."""
+"""Learning-rate schedules and optax optimizers from a config (epochs -> steps by :mod:`durations`)."""
 
 from __future__ import annotations
 
 import ml_collections
 import optax
+
+from lt_jax.train.durations import epochs_to_steps
 
 
 def make_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int) -> optax.Schedule:
@@ -16,14 +18,14 @@ def make_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: int, num_ep
   ``constant``: warmup then ``lr``.
   """
   lr = float(optim.lr)
-  warmup = int(round(optim.warmup_epochs * steps_per_epoch))
+  warmup = epochs_to_steps(optim.warmup_epochs, steps_per_epoch)
   total = num_epochs * steps_per_epoch
   if optim.schedule == "cosine":
     after = optax.cosine_decay_schedule(lr, max(total - warmup, 1))
   elif optim.schedule == "step":
     boundaries: dict[int, float] = {}
     for e in optim.decay_epochs:  # equal epochs compound, as two drops at the same step
-      b = int(e * steps_per_epoch) - warmup
+      b = epochs_to_steps(e, steps_per_epoch) - warmup
       boundaries[b] = boundaries.get(b, 1.0) * float(optim.decay_factor)
     after = optax.piecewise_constant_schedule(lr, boundaries)
   else:

@@ -1,12 +1,11 @@
 """Deep imbalanced regression runs: ``train_and_evaluate_regression(config, workdir)``, resumable.
 
 Yang et al., "Delving into Deep Imbalanced Regression", ICML 2021 (LDS, FDS, Focal-R) and Ren et
-al., "Balanced MSE for Imbalanced Visual Regression", CVPR 2022, on the classification stack:
-the same mesh / ``put_global`` placement (:mod:`lt_jax.train.state`), orbax checkpoints with the
-resume check (:mod:`lt_jax.train.checkpoint`), metric writer and JSON outputs
-(:mod:`lt_jax.train.report`), schedules and optimizers (:mod:`lt_jax.train.optim`), the on-device
-epoch permutation (:func:`lt_jax.train.steps.batch_indices`) and the masked, padded evaluation
-loop (:func:`lt_jax.train.trainer.evaluate`). The pure pieces are :mod:`lt_jax.regression`.
+al., "Balanced MSE for Imbalanced Visual Regression", CVPR 2022, as a task of the one training
+loop (:mod:`lt_jax.train.loop`): an update function (:func:`make_train_step`, drawing its batch
+with the on-device epoch permutation :func:`lt_jax.train.steps.batch_indices`), the FDS
+statistics pass as an end-of-epoch hook, and ``regression`` evaluators
+(:mod:`lt_jax.train.evaluators.regression`). The pure pieces are :mod:`lt_jax.regression`.
 
 Model: any ``lt_jax.models`` backbone built with ``num_classes=1``; the regressor is its linear
 head applied to the (FDS-calibrated, in training) features,
@@ -29,8 +28,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
-import time
 from typing import Any, Callable, NamedTuple
 
 import flax
@@ -42,126 +39,12 @@ import optax
 
 from lt_jax import regression
 from lt_jax.data import augment
-from lt_jax.models import MODELS, cpu_compiler_options, get_model
-from lt_jax.train import checkpoint, config as config_lib, optim, report, steps
-from lt_jax.train.config import ConfigError
+from lt_jax.models import cpu_compiler_options, get_model
+from lt_jax.train import config as config_lib, durations, evaluators, loop, optim, report, steps
+from lt_jax.train.config import validate_regression as validate
 from lt_jax.train.state import TrainState, batch_sharded, make_mesh, put_global, replicated
 
-DIR_DATASETS = ("rotated_fashion_mnist", "csv")
-DIR_LOSSES = ("mse", "l1", "huber", "focal_r", "balanced_mse")
-METHODS = ("vanilla", "sqinv", "lds", "fds", "lds_fds", "balanced_mse")
 SUMMARY_KEYS = tuple(f"{g}{k}" for g in ("", "many_", "medium_", "few_") for k in regression.REGRESSION_KEYS)
-
-
-# ============================================================================ config
-
-
-def base_config() -> ml_collections.ConfigDict:
-  """The regression schema (``task='regression'``), defaults = the rotated Fashion-MNIST DIR recipe.
-
-  ``lds.reweight`` ('none' | 'sqrt_inv' | 'inverse') turns on per-example weights,
-  ``lds.enabled`` smooths the density first (LDS); ``fds.enabled`` turns on FDS. Unset string /
-  size fields of ``dataset`` ('' / 0) mean "not used" (the CSV loader's options).
-  """
-  c = ml_collections.ConfigDict()
-  c.task = "regression"
-  c.seed = 0
-  c.dataset = ml_collections.ConfigDict(dict(
-      name="rotated_fashion_mnist", data_dir="", max_angle=90, n_max=400, imbalance_ratio=100.0,
-      val_per_bin=10, test_per_bin=30, subset_seed=0,
-      csv="", image_root="", arrays="", target_col="", image_size=(0, 0), channels=0))
-  c.bins = ml_collections.ConfigDict(dict(start=0.0, stop=90.0, width=1.0, many=100, few=20))
-  c.model = ml_collections.ConfigDict(dict(name="cnn", dtype="float32", normalize_targets=True))
-  c.loss = ml_collections.ConfigDict(dict(
-      name="mse", huber_beta=1.0, focal_kind="l1", focal_beta=0.2, focal_gamma=1.0,
-      focal_activation="sigmoid", noise_sigma=8.0, learn_noise=True, sigma_lr=0.05))
-  c.lds = ml_collections.ConfigDict(dict(reweight="none", enabled=False, kernel="gaussian", ks=5, sigma=2.0,
-                                         clip=(5.0, 1000.0)))
-  c.fds = ml_collections.ConfigDict(dict(enabled=False, kernel="gaussian", ks=5, sigma=2.0, momentum=0.9,
-                                         start_update=0, start_smooth=1, clip=(0.1, 10.0)))
-  c.augment = ml_collections.ConfigDict(dict(crop_pad=2))
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=1e-3, momentum=0.9, nesterov=False, weight_decay=0.0, schedule="cosine",
-      warmup_epochs=0.0, decay_epochs=(1000,), decay_factor=0.1))
-  config_lib.run_fields(c, batch_size=128, num_epochs=3, eval_every_epochs=1, log_every_steps=20)
-  return c
-
-
-def set_method(c: ml_collections.ConfigDict, method: str) -> None:
-  """``vanilla`` (plain loss), ``sqinv`` (sqrt-inverse weights), ``lds``, ``fds``, ``lds_fds``, ``balanced_mse``."""
-  if method not in METHODS:
-    raise ConfigError(f"unknown DIR method {method!r}; valid methods: {', '.join(METHODS)}")
-  c.lds.reweight = "sqrt_inv" if method in ("sqinv", "lds", "lds_fds") else "none"
-  c.lds.enabled = method in ("lds", "lds_fds")
-  c.fds.enabled = method in ("fds", "lds_fds")
-  if method == "balanced_mse":
-    c.loss.name = "balanced_mse"
-
-
-def _choice(value, valid, what):
-  if value not in valid:
-    raise ConfigError(f"unknown {what} {value!r}; valid choices: {', '.join(map(str, valid))}")
-
-
-def _positive(values: dict[str, Any]) -> None:
-  for key, value in values.items():
-    if not value > 0:
-      raise ConfigError(f"{key} must be > 0, got {value}")
-
-
-def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-  """Rejects bad regression configs with :class:`~lt_jax.train.config.ConfigError` naming valid choices."""
-  if c.get("task", "classification") != "regression":
-    raise ConfigError(f"task must be 'regression' for train_and_evaluate_regression, got {c.get('task')!r}")
-  d = c.dataset
-  _choice(d.name, DIR_DATASETS, "regression dataset")
-  if d.name == "csv":
-    if not d.csv:
-      raise ConfigError("dataset.name='csv' needs dataset.csv (a CSV of path/index, target, split rows)")
-    if bool(d.image_root) == bool(d.arrays):
-      raise ConfigError("dataset.name='csv' needs exactly one of dataset.image_root (image folder) or "
-                        "dataset.arrays (.npz of images)")
-    _choice(d.channels, (0, 1, 3), "dataset.channels (0 = auto)")
-  _choice(c.model.name, MODELS, "model")
-  _choice(c.model.dtype, ("float32", "bfloat16"), "model dtype")
-  _choice(c.loss.name, DIR_LOSSES, "regression loss")
-  _choice(c.loss.focal_kind, regression.FOCAL_KINDS, "loss.focal_kind")
-  _choice(c.loss.focal_activation, regression.FOCAL_ACTIVATIONS, "loss.focal_activation")
-  _choice(c.lds.reweight, regression.REWEIGHTS, "lds.reweight")
-  _choice(c.lds.kernel, regression.KERNELS, "lds.kernel")
-  _choice(c.fds.kernel, regression.KERNELS, "fds.kernel")
-  _choice(c.optim.schedule, config_lib.SCHEDULES, "lr schedule")
-  _choice(c.optim.name, ("sgd", "adamw"), "optimizer")
-  if c.lds.enabled and c.lds.reweight == "none":
-    raise ConfigError("lds.enabled needs lds.reweight='sqrt_inv' or 'inverse' (LDS smooths the density the "
-                      "weights invert), got 'none'")
-  for key in ("lds.ks", "fds.ks"):
-    ks = c[key.split(".")[0]].ks
-    if not isinstance(ks, int) or ks < 1 or ks % 2 == 0:
-      raise ConfigError(f"{key} must be an odd positive int (e.g. 5), got {ks!r}")
-  _positive({"bins.width": c.bins.width, "bins.stop - bins.start": c.bins.stop - c.bins.start,
-             "lds.sigma": c.lds.sigma, "fds.sigma": c.fds.sigma, "loss.huber_beta": c.loss.huber_beta,
-             "loss.focal_beta": c.loss.focal_beta, "loss.focal_gamma": c.loss.focal_gamma,
-             "loss.noise_sigma": c.loss.noise_sigma, "loss.sigma_lr": c.loss.sigma_lr, "optim.lr": c.optim.lr,
-             "batch_size": c.batch_size, "eval_batch_size": c.eval_batch_size, "num_epochs": c.num_epochs,
-             "log_every_steps": c.log_every_steps, "eval_every_epochs": c.eval_every_epochs,
-             "checkpoint_every_epochs": c.checkpoint_every_epochs})
-  if not 0.0 <= c.fds.momentum <= 1.0:
-    raise ConfigError(f"fds.momentum must be in [0, 1], got {c.fds.momentum}")
-  if c.fds.start_update < 0 or c.fds.start_smooth < 0:
-    raise ConfigError(f"fds.start_update and fds.start_smooth must be >= 0, got {c.fds.start_update}, "
-                      f"{c.fds.start_smooth}")
-  lo, hi = c.fds.clip
-  if not 0 < lo <= hi:
-    raise ConfigError(f"fds.clip must be (lo, hi) with 0 < lo <= hi, got {tuple(c.fds.clip)}")
-  if not c.bins.many >= c.bins.few >= 0:
-    raise ConfigError(f"bins.many must be >= bins.few >= 0, got {c.bins.many}, {c.bins.few}")
-  for key in ("batch_size", "eval_batch_size"):
-    if c[key] % num_devices:
-      raise ConfigError(f"{key}={c[key]} is not divisible by the number of devices ({num_devices}); "
-                        f"use a multiple of {num_devices}")
-  if c.loss.name == "balanced_mse" and c.batch_size < 2:
-    raise ConfigError("balanced_mse contrasts each prediction with the batch's other targets: batch_size >= 2")
 
 
 # ============================================================================ data, state, steps
@@ -359,19 +242,6 @@ def fds_epoch_update(state: RegressionState, data: DIRData, batches, fds_sums, f
   return state.replace(fds=fds_update(state.fds, total))
 
 
-def make_eval_step(model, spec: Spec, num_bins: int):
-  """``eval_step(variables, images, targets, mask) -> RegressionSums``: eval-mode BN, no FDS."""
-  edges = jnp.asarray(spec.edges, jnp.float32)
-
-  def eval_step(variables, images, targets, mask):
-    x = augment.normalize(images, spec.mean, spec.std)
-    f, _ = features(model, variables["params"], variables["batch_stats"], x, train=False)
-    pred = predict(variables["params"], f, spec)
-    return regression.regression_sums(pred, targets, regression.bin_index(targets, edges), num_bins, mask)
-
-  return jax.jit(eval_step, compiler_options=cpu_compiler_options())
-
-
 def summarize(sums: regression.RegressionSums, train_counts, config) -> dict[str, float]:
   s = regression.regression_summary(sums, train_counts, config.bins.many, config.bins.few)
   return {k: float(v) for k, v in jax.device_get(s).items()}
@@ -381,19 +251,22 @@ def summarize(sums: regression.RegressionSums, train_counts, config) -> dict[str
 
 
 def train_and_evaluate_regression(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains a DIR config in ``workdir`` (resuming from its checkpoint if any) and evaluates it.
+  """Trains a DIR config in ``workdir`` with the one loop (resuming from its checkpoint) and evaluates it.
+
+  The DIR task is an update function (:func:`make_train_step`), a hook (the end-of-epoch FDS
+  statistics pass, :func:`fds_epoch_update`) and ``regression`` evaluators (val during
+  training, val and test at the end) of :func:`lt_jax.train.loop.train`.
 
   Returns the final test summary (``mae``, ``mse``, ``gm`` overall and ``many_/medium_/few_``
   by training counts per bin, plus ``val_*``), ``step`` and ``state``. Writes ``config.json``,
   ``train_counts.json``, ``metrics.jsonl`` (train / val / test lines), ``summary.json``, the plot
   ``error_per_bin.png`` and checkpoints to ``workdir``.
   """
-  from lt_jax.train.trainer import check_finite, evaluate  # shared with classification
+  from lt_jax.train import trainer  # the run environment is the classification run's
   mesh = make_mesh(config.num_devices)
   validate(config, num_devices=mesh.size)
-  is_main = jax.process_index() == 0
-  quiet = config.quiet or os.environ.get("CI", "").lower() == "true"
-  log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
+  env = trainer.make_env(config, mesh)
+  log = env.log
   os.makedirs(workdir, exist_ok=True)
 
   ds = load_dataset(config)
@@ -403,7 +276,7 @@ def train_and_evaluate_regression(config: ml_collections.ConfigDict, workdir: st
   train_bins = np.asarray(regression.bin_index(ds.train_targets, edges))
   counts = np.bincount(train_bins, minlength=num_bins)
   spe = config_lib.steps_per_epoch(len(ds.train_targets), config.batch_size)
-  total_steps = spe * config.num_epochs
+  total_steps = durations.epochs_to_steps(config.num_epochs, spe)
   last_step = total_steps if config.max_steps < 0 else min(total_steps, config.max_steps)
   smoothing = "+".join(n for n, on in (("LDS", config.lds.enabled), ("FDS", config.fds.enabled)) if on)
   log(f"lt_jax DIR: {ds.name} ({len(ds.train_targets)} train / {len(ds.val_targets)} val / "
@@ -416,13 +289,7 @@ def train_and_evaluate_regression(config: ml_collections.ConfigDict, workdir: st
   schedule = optim.make_schedule(config.optim, spe, config.num_epochs)
   tx = make_optimizer(config, schedule)
   state = create_state(model, tx, config, num_bins, ds.train_images.shape[1:], mesh)
-  mngr = checkpoint.manager(workdir, config.keep_checkpoints)
-  restored, meta = checkpoint.restore_latest(mngr, state, config.to_dict())
-  if restored is not None:
-    state = restored
-    log(f"resumed from {mngr.directory} at step {int(state.step)} (epoch {meta['epoch']:.2f})")
-  if is_main:
-    report.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  if env.is_main:
     report.write_json(os.path.join(workdir, "train_counts.json"),
                       {"edges": list(spec.edges), "counts": counts.tolist()})
 
@@ -435,66 +302,57 @@ def train_and_evaluate_regression(config: ml_collections.ConfigDict, workdir: st
   sc = steps.StepConfig(batch_size=config.batch_size, steps_per_epoch=spe, num_epochs=config.num_epochs,
                         sampler="instance", k_per_class=1, crop_pad=config.augment.crop_pad, flip=False,
                         mean=spec.mean, std=spec.std)
-  train_step = make_train_step(model, tx, make_loss(config.loss), schedule, spec, sc, bin_weights, mesh)
-  eval_step = make_eval_step(model, spec, num_bins)
+  update = make_train_step(model, tx, make_loss(config.loss), schedule, spec, sc, bin_weights, mesh)
+
+  hooks = []
   fc = config.fds
-  fds_sums = make_fds_sums(model, spec, num_bins)
-  fds_update = jax.jit(functools.partial(regression.fds_update, momentum=fc.momentum, kernel=fc.kernel,
-                                         ks=fc.ks, sigma=fc.sigma))
-  fds_batches = fds_pass_batches(len(ds.train_targets), config.batch_size, config.seed)
-  writer = report.MetricWriter(workdir, enabled=is_main)
+  if fc.enabled:
+    fds_sums = make_fds_sums(model, spec, num_bins)
+    fds_update = jax.jit(functools.partial(regression.fds_update, momentum=fc.momentum, kernel=fc.kernel,
+                                           ks=fc.ks, sigma=fc.sigma))
+    fds_batches = fds_pass_batches(len(ds.train_targets), config.batch_size, config.seed)
 
-  def run_eval(images, targets):
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return evaluate(eval_step, variables, images, targets.astype(np.float32), config.eval_batch_size, mesh)
+    def fds_hook(state, step):  # after the last step of an epoch >= start_update: one FDS pass
+      if step % spe == 0 and step // spe - 1 >= fc.start_update:
+        state = fds_epoch_update(state, data, fds_batches, fds_sums, fds_update, mesh)
+      return state
+    hooks.append(fds_hook)
 
-  step = int(state.step)
-  bar = None
-  if not quiet and is_main and step < last_step:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=last_step, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout)
-  last: dict[str, float] = {}
-  t0, seen = time.time(), 0
-  while step < last_step:
-    state, m = train_step(state, data)
-    m = jax.device_get(m)  # blocks: NaN check, no runaway queue on CPU meshes
-    step += 1
-    seen += config.batch_size
-    check_finite(m["loss"], step, mngr)
-    last = {k: float(v) for k, v in m.items()}
-    if bar is not None:
-      bar.update(1)
-      bar.set_postfix(loss=f"{last['loss']:.3g}", mae=f"{last['mae']:.2f}")
-    if step % config.log_every_steps == 0:
-      writer.write(step, "train", {**last, "images_per_sec": seen / (time.time() - t0)})
-    epoch_end = step % spe == 0
-    epoch = step // spe - 1  # the epoch that just ended, when epoch_end
-    if epoch_end and fc.enabled and epoch >= fc.start_update:
-      state = fds_epoch_update(state, data, fds_batches, fds_sums, fds_update, mesh)
-    if epoch_end and (epoch + 1) % config.eval_every_epochs == 0 and step < last_step and len(ds.val_targets):
-      val = summarize(run_eval(ds.val_images, ds.val_targets), counts, config)
+  ectx = evaluators.EvalContext(
+      model=model, splits=evaluators.MemorySplits(ds, target="targets", dtype=np.float32), mesh=mesh,
+      counts=counts, num_classes=0, mean=spec.mean, std=spec.std, batch_size=config.eval_batch_size,
+      block=env.block_each_step, log=log, outputs=evaluators.OutputCache(),
+      extra={"spec": spec, "many": config.bins.many, "few": config.bins.few})
+  val_ev = evaluators.make("regression", ectx, split="val")
+  test_ev = evaluators.make("regression", ectx, split="test")
+  variables_of = lambda st: {"params": st.params, "batch_stats": st.batch_stats}
+  periodic = []
+  if len(ds.val_targets):
+    periodic.append(loop.Periodic(
+        durations.steps("eval_every", config, spe, config.batch_size, cadence=True), "val",
+        lambda st: val_ev.evaluate(variables_of(st)).summary,
+        lambda step, v: (f"epoch {step // spe}: val MAE {v['mae']:.3f} (many {v['many_mae']:.3f} / medium "
+                         f"{v['medium_mae']:.3f} / few {v['few_mae']:.3f})")))
+  run = loop.Run(
+      name="stage regression", workdir=workdir, record=config.to_dict(), state=state, update=update,
+      input=loop.DeviceInput(data), last_step=last_step, batch_size=config.batch_size,
+      log_every=int(config.log_every_steps),
+      checkpoint_every=durations.steps("checkpoint_every", config, spe, config.batch_size, cadence=True),
+      keep_checkpoints=config.keep_checkpoints, evals=periodic, hooks=hooks,
+      meta=lambda step, last: {"epoch": step / spe}, postfix=("loss", "mae"))
+  writer = report.MetricWriter(workdir, enabled=env.is_main)
+  try:
+    state, step = loop.train(run, env, writer)
+    test = test_ev.evaluate(variables_of(state))
+    writer.write(step, "test", test.summary)
+    val = val_ev.evaluate(variables_of(state)).summary if len(ds.val_targets) else {}
+    if val:
       writer.write(step, "val", val)
-      if bar is not None:
-        bar.write(f"epoch {epoch + 1}: val MAE {val['mae']:.3f} (many {val['many_mae']:.3f} / medium "
-                  f"{val['medium_mae']:.3f} / few {val['few_mae']:.3f})")
-    if (epoch_end and (epoch + 1) % config.checkpoint_every_epochs == 0) or step == last_step:
-      checkpoint.save(mngr, step, state, {"config": config.to_dict(), "step": step, "epoch": step / spe,
-                                          "metrics": last})
-  if bar is not None:
-    bar.close()
-  mngr.wait_until_finished()
-  mngr.close()
-
-  test_sums = run_eval(ds.test_images, ds.test_targets)
-  summary = summarize(test_sums, counts, config)
-  writer.write(step, "test", summary)
-  val = summarize(run_eval(ds.val_images, ds.val_targets), counts, config) if len(ds.val_targets) else {}
-  if val:
-    writer.write(step, "val", val)
-  writer.close()
-  out = {"step": step, **summary, **{f"val_{k}": v for k, v in val.items()}}
-  if is_main:
-    final_report(workdir, config, ds.name, spec, counts, test_sums, out, log)
+  finally:
+    writer.close()
+  out = {"step": step, **test.summary, **{f"val_{k}": v for k, v in val.items()}}
+  if env.is_main:
+    final_report(workdir, config, ds.name, spec, counts, test.sums, out, log)
   return {**out, "state": state}
 
 

@@ -1,4 +1,4 @@
-"""The jitted train and eval steps (one pure function each, sharded over a ``data`` mesh).
+"""The classification update function: one jitted train step, sharded over a ``data`` mesh.
 
 Small datasets live on device: each step draws its global batch with the core samplers
 (``lt_jax.samplers``), gathers and augments it on device, and constrains it to be sharded
@@ -15,7 +15,6 @@ import optax
 from jax.sharding import Mesh
 
 from lt_jax import losses as losses_lib
-from lt_jax import metrics as metrics_lib
 from lt_jax import decoupled, mixing, samplers
 from lt_jax.data import augment
 from lt_jax.models import cpu_compiler_options
@@ -209,43 +208,3 @@ def make_train_step(model, tx: optax.GradientTransformation, loss: losses_lib.Lo
 
   fn = host_step if host_batches else train_step
   return jax.jit(fn, donate_argnums=(0,), compiler_options=cpu_compiler_options())
-
-
-class EvalSums(NamedTuple):
-  """Additive evaluation statistics (sums and counts, never averages)."""
-  confusion: jax.Array                   # (C, C) int32, rows = true class
-  calibration: metrics_lib.CalibrationCounts
-  nll: metrics_lib.NLLSums
-
-
-def make_eval_step(model, num_classes: int, mean, std, mesh: Mesh, num_bins: int = 15,
-                   logit_fn: Callable[[jax.Array], jax.Array] | None = None):
-  """``eval_step(variables, images, labels, mask) -> EvalSums`` of one (sharded) batch.
-
-  ``logit_fn``: model outputs -> ``(B, num_classes)`` class scores (default: the outputs).
-  """
-  del mesh  # inputs arrive batch-sharded; XLA reduces the sums across devices.
-
-  def eval_step(variables, images, labels, mask):
-    x = augment.normalize(images, mean, std)
-    logits, _ = model.apply(variables, x, train=False)
-    if logit_fn is not None:
-      logits = logit_fn(logits)
-    return sums_from_logits(logits, labels, num_classes, mask, num_bins)
-
-  return jax.jit(eval_step, compiler_options=cpu_compiler_options())
-
-
-def sums_from_logits(logits: jax.Array, labels: jax.Array, num_classes: int, mask: jax.Array | None = None,
-                     num_bins: int = 15) -> EvalSums:
-  """:class:`EvalSums` of a batch of logits (confusion matrix, calibration bins, NLL sums)."""
-  logits = logits.astype(jnp.float32)
-  return EvalSums(
-      confusion=metrics_lib.confusion_matrix(labels, jnp.argmax(logits, -1), num_classes, mask=mask),
-      calibration=metrics_lib.calibration_counts(logits, labels, num_bins, mask=mask, from_logits=True),
-      nll=metrics_lib.nll_sums(logits, labels, mask=mask, from_logits=True))
-
-
-def add_sums(a: EvalSums | None, b: EvalSums) -> EvalSums:
-  """Field-wise sum (NamedTuple ``+`` would concatenate)."""
-  return b if a is None else jax.tree.map(jnp.add, a, b)

@@ -1,0 +1,97 @@
+"""The whole training loop's steps/s against the bare jitted step, side by side (benchmark, not a test).
+
+The same classification update (``lt_jax.train.steps.make_train_step``: on-device sampling,
+augmentation, forward/backward, SGD) on synthetic in-memory data, run (a) as a bare Python
+``for`` loop over the jitted step, blocking once at the end, and (b) through
+``lt_jax.train.loop.train``: input iterator, asynchronous metrics read at log steps with the
+NaN/inf check, progress accounting, and the final orbax checkpoint. Rounds alternate (a) and
+(b) so both see the same machine load; medians are reported, with the loop overhead
+``1 - loop_steps_per_s / bare_steps_per_s``.
+
+  python bench/loop_overhead.py                       # small CNN, 28x28x1, batch 128, 200 steps x 3
+  python bench/loop_overhead.py --model=resnet32 --steps=30 --rounds=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lt_jax import losses, samplers
+from lt_jax.models import get_model
+from lt_jax.train import loop, optim, report, steps
+from lt_jax.train.state import create_state, make_mesh, put_global, replicated
+
+
+def setup(model_name: str, batch: int, num_train: int):
+  shape = (28, 28, 1) if model_name == "cnn" else (32, 32, 3)
+  mesh = make_mesh(1)
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(10), num_train // 10).astype(np.int32)
+  images = rng.integers(0, 256, (len(labels), *shape), dtype=np.uint8)
+  rep = replicated(mesh)
+  data = steps.TrainData(put_global(images, rep), put_global(labels, rep),
+                         jax.device_put(samplers.build_index(labels, 10), rep))
+  model = get_model(model_name, num_classes=10)
+  oc = ml_collections.ConfigDict(dict(name="sgd", lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4,
+                                      schedule="cosine", warmup_epochs=0.0, decay_epochs=(), decay_factor=0.1))
+  spe = len(labels) // batch
+  schedule = optim.make_schedule(oc, spe, 100)
+  tx = optim.make_optimizer(oc, schedule)
+  loss = losses.make_loss("ce")
+  sc = steps.StepConfig(batch_size=batch, steps_per_epoch=spe, num_epochs=100, sampler="instance", k_per_class=4,
+                        crop_pad=2, flip=True, mean=(0.5,) * shape[-1], std=(0.25,) * shape[-1], num_classes=10)
+  counts = put_global(np.bincount(labels, minlength=10).astype(np.float32), rep)
+  update = steps.make_train_step(model, tx, loss, schedule, counts, sc, mesh)
+  fresh = lambda: create_state(model, tx, loss, 10, shape, 0, mesh)
+  return update, fresh, data
+
+
+def bare(update, state, data, n: int) -> float:
+  t = time.perf_counter()
+  for _ in range(n):
+    state, m = update(state, data)
+  jax.block_until_ready((state, m))
+  return n / (time.perf_counter() - t)
+
+
+def looped(update, state, data, n: int, batch: int) -> float:
+  env = loop.Env(is_main=True, quiet=True, log=lambda *a: None, block_each_step=False)
+  with tempfile.TemporaryDirectory() as d:
+    run = loop.Run(name="bench", workdir=d, record={}, state=state, update=update, input=loop.DeviceInput(data),
+                   last_step=n, batch_size=batch, log_every=50, checkpoint_every=10 ** 9, keep_checkpoints=1)
+    t = time.perf_counter()
+    state, _ = loop.train(run, env, report.MetricWriter(d, enabled=False))
+    jax.block_until_ready(state)
+    return n / (time.perf_counter() - t)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--model", default="cnn")
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--steps", type=int, default=200)
+  p.add_argument("--rounds", type=int, default=3)
+  a = p.parse_args()
+  update, fresh, data = setup(a.model, a.batch, 4000)
+  bare(update, fresh(), data, 3)  # compile
+  b, l = [], []
+  for r in range(a.rounds):
+    b.append(bare(update, fresh(), data, a.steps))
+    l.append(looped(update, fresh(), data, a.steps, a.batch))
+    print(f"round {r}: bare {b[-1]:.2f} steps/s, loop {l[-1]:.2f} steps/s", flush=True)
+  mb, ml = statistics.median(b), statistics.median(l)
+  print(f"{a.model} batch {a.batch}, {a.steps} steps, {jax.default_backend()}: bare jitted step {mb:.2f} steps/s, "
+        f"whole loop {ml:.2f} steps/s (incl. the final checkpoint); loop overhead {100 * (1 - ml / mb):.1f}%")
+
+
+if __name__ == "__main__":
+  main()
