@@ -18,6 +18,7 @@ or set ``LT_JAX_COORDINATOR_ADDRESS``, ``LT_JAX_NUM_PROCESSES``, ``LT_JAX_PROCES
 """
 
 import os
+import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # tfds imports TensorFlow: keep its C++ logs quiet
@@ -82,6 +83,9 @@ def main(argv):
   from lt_jax.train.checkpoint import ResumeError
   from lt_jax.train.config import ConfigError
   from lt_jax.data.dir_data import DatasetFormatError
+  from lt_jax.train.loop import Interrupted, NonFiniteLossError
+  from lt_jax.train.workdir import WorkdirInUseError
+  signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM stops like Ctrl-C: finish the save, resumable
   try:
     if config.get("task", "classification") == "regression":  # deep imbalanced regression (DIR)
       from lt_jax.train.regression_trainer import train_and_evaluate_regression
@@ -89,9 +93,21 @@ def main(argv):
     else:
       from lt_jax.train.trainer import train_and_evaluate
       train_and_evaluate(config, _WORKDIR.value)
-  except (ConfigError, DataUnavailableError, DatasetFormatError, ResumeError) as e:  # user errors: no traceback
+  except (ConfigError, DataUnavailableError, DatasetFormatError, ResumeError, NonFiniteLossError,
+          WorkdirInUseError) as e:  # user errors and stopped runs: one line, no traceback
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except Interrupted as e:
+    print(str(e), file=sys.stderr)
+    return 130
+  except KeyboardInterrupt:  # outside the training loop (start-up, evaluation): nothing half-written
+    print("interrupted; rerun the same command to resume", file=sys.stderr)
+    return 130
+
+
+def _raise_interrupt(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

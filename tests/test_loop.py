@@ -127,3 +127,58 @@ def test_evaluators_as_data_val_split(tmp_path):
   assert final_val["balanced_accuracy"] == pytest.approx(np.mean(recall), abs=1e-6)
   with pytest.raises(ValueError, match="unknown evaluator type 'nope'; valid: classification, tau_norm"):
     evaluators.make("nope", ctx)
+
+
+def test_workdir_lock_refuses_a_second_run(tmp_path):
+  from lt_jax.train import workdir
+  with workdir.locked(str(tmp_path)):
+    with pytest.raises(workdir.WorkdirInUseError, match=rf"workdir {tmp_path} is in use by pid {os.getpid()} on host"):
+      with workdir.locked(str(tmp_path)):
+        pass
+  with workdir.locked(str(tmp_path)):  # released on exit; the stale file does not block
+    pass
+
+
+def test_metrics_jsonl_one_line_per_step_after_resume(tmp_path):
+  w = report.MetricWriter(str(tmp_path), enabled=True)
+  for s in (1, 2, 3, 4):
+    w.write(s, "train", {"loss": float(s)})
+  w.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 5, "spl')  # cut by a kill
+  w = report.MetricWriter(str(tmp_path), enabled=True)
+  w.resume(2)  # the checkpoint was at step 2: steps 3, 4 replay
+  for s in (2, 3, 4):
+    w.write(s, "train", {"loss": 10.0 + s})
+  w.close()
+  import json
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
+
+
+def test_sigint_in_the_loop_finishes_the_save_and_names_the_step(tmp_path):
+  calls = {"n": 0}
+  base = _toy_run(tmp_path, bad_step=-1)
+
+  def update(state, data):
+    calls["n"] += 1
+    if calls["n"] == 7:
+      raise KeyboardInterrupt
+    return base.update(state, data)
+  with pytest.raises(loop.Interrupted, match="interrupted at step 6 of stage toy; rerun the same command"):
+    loop.train(base._replace(update=update), _env(), report.MetricWriter(str(tmp_path), enabled=False))
+  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints")) == [2, 4, 6]
+  state, step = loop.train(_toy_run(tmp_path, bad_step=-1), _env(), report.MetricWriter(str(tmp_path), enabled=False))
+  assert step == 10 and float(state.params["w"][0]) == 10.0  # resumed at 6, same end point
+
+
+def test_nonfinite_parameters_are_never_checkpointed(tmp_path):
+  base = _toy_run(tmp_path, bad_step=-1)
+
+  def update(state, data):  # finite metrics, but the parameters blow up at step 3
+    state, m = base.update(state, data)
+    return state.replace(params={"w": jnp.where(state.step >= 3, jnp.inf, state.params["w"])}), m
+  with pytest.raises(loop.NonFiniteLossError, match=r"parameters \(NaN/inf\) at step 4 of stage toy; the last good "
+                                                     r"checkpoint \(step 2\)"):
+    loop.train(base._replace(update=jax.jit(update)), _env(), report.MetricWriter(str(tmp_path), enabled=False))
+  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints")) == [2]

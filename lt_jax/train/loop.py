@@ -29,6 +29,7 @@ import time
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lt_jax.train import checkpoint, durations, report
@@ -37,7 +38,21 @@ HOST_SYNC = ("auto", "always", "never")
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The training loss or gradient became NaN or inf; the last good checkpoint is kept."""
+  """The training loss, gradient or parameters became NaN or inf; the last good checkpoint is kept."""
+
+
+class Interrupted(Exception):
+  """SIGINT / SIGTERM: the loop stopped at ``step`` after finishing the in-flight checkpoint save."""
+
+  def __init__(self, step: int, name: str):
+    super().__init__(f"interrupted at step {step} of {name}; rerun the same command to resume")
+    self.step = step
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def blocks_every_step(host_sync: str, mesh) -> bool:
@@ -105,6 +120,7 @@ def train(run: Run, env: Env, writer: report.MetricWriter) -> tuple[Any, int]:
     report.write_json(os.path.join(run.workdir, "config.json"), run.record)
 
   step = int(jax.device_get(state.step))
+  writer.resume(step)
   bar = None
   if not env.quiet and env.is_main and step < run.last_step:
     from tqdm.auto import tqdm
@@ -112,6 +128,13 @@ def train(run: Run, env: Env, writer: report.MetricWriter) -> tuple[Any, int]:
   pending: list[tuple[int, Any]] = []
   last: dict[str, float] = {}
   t0, seen0 = time.time(), step
+
+  def fail(what: str, at: int) -> None:
+    mngr.wait_until_finished()
+    good = mngr.latest_step()
+    where = f"the last good checkpoint (step {good}) is kept in {mngr.directory}" if good is not None else \
+        "no checkpoint was written before it"
+    raise NonFiniteLossError(f"non-finite training {what} at step {at} of {run.name}; {where}")
 
   def flush() -> None:
     """Reads the metrics of the steps since the last read and checks them (one host copy)."""
@@ -122,46 +145,51 @@ def train(run: Run, env: Env, writer: report.MetricWriter) -> tuple[Any, int]:
     pending.clear()
     bad = _first_bad(got, run.checked)
     if bad is not None:
-      mngr.wait_until_finished()
-      good = mngr.latest_step()
-      where = f"the last good checkpoint (step {good}) is kept in {mngr.directory}" if good is not None else \
-          "no checkpoint was written before it"
-      raise NonFiniteLossError(f"non-finite training {bad[1]} ({bad[2]}) at step {bad[0]} of {run.name}; {where}")
+      fail(f"{bad[1]} ({bad[2]})", bad[0])
     last = {k: float(v) for k, v in got[-1][1].items()}
     if bar is not None:
       bar.set_postfix({k: f"{last[k]:.3g}" for k in run.postfix if k in last}, refresh=False)
 
   guard = (lambda: jax.transfer_guard("disallow_explicit")) if env.transfer_guard else contextlib.nullcontext
   batches = iter(run.input.batches(step, run.last_step))
-  while step < run.last_step:
-    with guard():
-      args = next(batches)
-      state, m = run.update(state, *args)
-    step += 1
-    pending.append((step, m))
-    if env.block_each_step:
-      jax.block_until_ready(m)
-    if bar is not None:
-      bar.update(1)
-    if step % run.log_every == 0:
-      flush()
-      rate = (step - seen0) * run.batch_size / max(time.time() - t0, 1e-9)
-      writer.write(step, "train", {**last, "images_per_sec": rate})
-    for hook in run.hooks:
-      state = hook(state, step)
-    for ev in run.evals:
-      if step % ev.every == 0 and step < run.last_step:
+  try:
+    while step < run.last_step:
+      with guard():
+        args = next(batches)
+        state, m = run.update(state, *args)
+      step += 1
+      pending.append((step, m))
+      if env.block_each_step:
+        jax.block_until_ready(m)
+      if bar is not None:
+        bar.update(1)
+      if step % run.log_every == 0:
         flush()
-        summary = ev.run(state)
-        writer.write(step, ev.split_name, summary)
-        if bar is not None and ev.message is not None:
-          bar.write(ev.message(step, summary))
-    if durations.itstime(step, run.checkpoint_every, run.last_step):
-      flush()  # never checkpoint a state whose steps were not checked
-      extra = run.meta(step, last) if run.meta is not None else {}
-      checkpoint.save(mngr, step, state, {"config": run.record, "step": step,
-                                          "epoch": extra.pop("epoch", 0.0), **extra, "metrics": last})
-  flush()
+        rate = (step - seen0) * run.batch_size / max(time.time() - t0, 1e-9)
+        writer.write(step, "train", {**last, "images_per_sec": rate})
+      for hook in run.hooks:
+        state = hook(state, step)
+      for ev in run.evals:
+        if step % ev.every == 0 and step < run.last_step:
+          flush()
+          summary = ev.run(state)
+          writer.write(step, ev.split_name, summary)
+          if bar is not None and ev.message is not None:
+            bar.write(ev.message(step, summary))
+      if durations.itstime(step, run.checkpoint_every, run.last_step):
+        flush()  # never checkpoint a state whose steps were not checked
+        if not bool(jax.device_get(_all_finite((state.params, state.batch_stats)))):
+          fail("parameters (NaN/inf)", step)
+        extra = run.meta(step, last) if run.meta is not None else {}
+        checkpoint.save(mngr, step, state, {"config": run.record, "step": step,
+                                            "epoch": extra.pop("epoch", 0.0), **extra, "metrics": last})
+    flush()
+  except KeyboardInterrupt:
+    if bar is not None:
+      bar.close()
+    mngr.wait_until_finished()  # an in-flight save completes (orbax renames it into place)
+    mngr.close()
+    raise Interrupted(step, run.name) from None
   if bar is not None:
     bar.close()
   mngr.wait_until_finished()

@@ -41,6 +41,7 @@ from lt_jax import regression
 from lt_jax.data import augment
 from lt_jax.models import cpu_compiler_options, get_model
 from lt_jax.train import config as config_lib, durations, evaluators, loop, optim, report, steps
+from lt_jax.train import workdir as workdir_lib
 from lt_jax.train.config import validate_regression as validate
 from lt_jax.train.state import TrainState, batch_sharded, make_mesh, put_global, replicated
 
@@ -266,8 +267,12 @@ def train_and_evaluate_regression(config: ml_collections.ConfigDict, workdir: st
   mesh = make_mesh(config.num_devices)
   validate(config, num_devices=mesh.size)
   env = trainer.make_env(config, mesh)
+  with workdir_lib.locked(workdir, enabled=env.is_main):
+    return _train_and_evaluate_regression(config, workdir, mesh, env)
+
+
+def _train_and_evaluate_regression(config, workdir: str, mesh, env) -> dict[str, Any]:
   log = env.log
-  os.makedirs(workdir, exist_ok=True)
 
   ds = load_dataset(config)
   spec = make_spec(config, ds)

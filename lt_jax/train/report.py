@@ -13,20 +13,54 @@ import numpy as np
 
 
 class MetricWriter:
-  """Appends ``{"step": s, "split": ..., **scalars}`` to ``metrics.jsonl`` and TensorBoard."""
+  """Appends ``{"step": s, "split": ..., **scalars}`` to ``metrics.jsonl`` and TensorBoard.
+
+  One line per ``(step, split)``: a resumed run first drops the lines of the steps after its
+  checkpoint (``resume(step)``: they are replayed), and a line already written for the same
+  step and split (e.g. the final evaluation of a finished stage, re-run when stages are
+  added) is not written again.
+  """
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
     self._tb = None
+    self._seen: set[tuple[int, str]] = set()
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       self._path = os.path.join(workdir, "metrics.jsonl")
+      self._seen = {(r["step"], r["split"]) for r in self._read()}
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
-  def write(self, step: int, split: str, scalars: dict[str, Any]) -> None:
+  def _read(self) -> list[dict]:
+    if not os.path.exists(self._path):
+      return []
+    out = []
+    with open(self._path) as f:
+      for line in f:
+        try:
+          out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill: dropped
+          pass
+    return out
+
+  def resume(self, step: int) -> None:
+    """Drops the lines of steps after ``step`` (the run restarts from its checkpoint there)."""
     if not self.enabled:
       return
+    keep = [r for r in self._read() if r["step"] <= step]
+    lines = sum(1 for _ in open(self._path)) if os.path.exists(self._path) else 0
+    if len(keep) != lines:  # later steps (or a cut line) to drop
+      tmp = self._path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
+      os.replace(tmp, self._path)
+    self._seen = {(r["step"], r["split"]) for r in keep}
+
+  def write(self, step: int, split: str, scalars: dict[str, Any]) -> None:
+    if not self.enabled or (int(step), split) in self._seen:
+      return
+    self._seen.add((int(step), split))
     clean = {k: _to_python(v) for k, v in scalars.items()}
     with open(self._path, "a") as f:
       f.write(json.dumps({"step": int(step), "split": split, **clean}) + "\n")

@@ -33,6 +33,7 @@ from lt_jax import decoupled, heads, losses, metrics, priors, samplers
 from lt_jax.data import longtail
 from lt_jax.models import get_model
 from lt_jax.train import checkpoint, config as config_lib, durations, evaluators, loop, optim, report, steps
+from lt_jax.train import workdir as workdir_lib
 from lt_jax.train.loop import NonFiniteLossError  # noqa: F401  (re-exported: the run's error)
 from lt_jax.train.state import batch_sharded, create_state, make_mesh, put_global, replicated
 
@@ -132,7 +133,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = make_mesh(config.num_devices)
   config_lib.validate(config, num_devices=mesh.size)
   env = make_env(config, mesh)
-  os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.locked(workdir, enabled=env.is_main):
+    return _train_and_evaluate(config, workdir, mesh, env)
+
+
+def _train_and_evaluate(config, workdir: str, mesh, env: loop.Env) -> dict[str, Any]:
   data = open_data(config, workdir, mesh)
   spe = config_lib.steps_per_epoch(data.num_train, config.batch_size)
   env.log(f"lt_jax: {data.name}-LT IR={priors.imbalance_ratio(data.counts):.0f} ({data.num_train} train / "
