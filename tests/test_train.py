@@ -160,12 +160,32 @@ def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(mock_tfds, tmp_path
     (lambda c: setattr(c.model, "name", "vit"), "valid choices: cnn, resnet20"),
     (lambda c: setattr(c, "batch_size", 33), "not divisible by the number of devices \\(2\\)"),
     (lambda c: c.loss.hparams.update({"tau": "x"}), "bad hyper-parameters for loss 'ce'"),
+    (lambda c: setattr(c, "keep_checkpoints", 0), "keep_checkpoints must be an integer >= 1"),
+    (lambda c: setattr(c, "checkpoint_every_epochs", -1), "checkpoint_every_epochs must be > 0"),
+    (lambda c: setattr(c, "eval_every_epochs", -1), "eval_every_epochs must be > 0"),
+    (lambda c: setattr(c, "eval_every_steps", 0), "eval_every_steps must be > 0"),
+    (lambda c: setattr(c.optim, "weight_decay", -1.0), "optim.weight_decay must be a finite number >= 0"),
+    (lambda c: setattr(c.optim, "lr", float("nan")), "optim.lr must be a finite number > 0"),
+    (lambda c: setattr(c.optim, "warmup_epochs", float("nan")), "optim.warmup_epochs must be in"),
+    (lambda c: setattr(c.dataset, "imbalance_ratio", float("inf")), "imbalance_ratio must be >= 1 and finite"),
+    (lambda c: setattr(c.dataset, "val_per_class", -1), "dataset.val_per_class must be >= 0"),
+    (lambda c: setattr(c.dataset, "subset_seed", -1), "dataset.subset_seed must be >= 0"),
+    (lambda c: setattr(c.augment, "crop_pad", -1), "augment.crop_pad must be >= 0"),
+    (lambda c: setattr(c, "host_sync", "sometimes"), "valid choices: auto, always, never"),
 ])
 def test_config_validation_errors(mutate, message):
   c = fashion_mnist_lt.get_config()
   mutate(c)
   with pytest.raises(ValueError, match=message):
     config_lib.validate(c, num_devices=2)
+
+
+def test_num_devices_errors():
+  from lt_jax.train.state import make_mesh
+  with pytest.raises(config_lib.ConfigError, match="num_devices=4, but only 2 devices are available"):
+    make_mesh(4)
+  with pytest.raises(config_lib.ConfigError, match="num_devices must be 0 \\(all\\) or a positive"):
+    make_mesh(-1)
 
 
 def test_config_variants():

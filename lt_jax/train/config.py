@@ -12,6 +12,8 @@ steps, where N is the number of long-tailed training examples.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 DATASETS = ("fashion_mnist", "cifar10", "cifar100")
@@ -214,9 +216,49 @@ def _choice(value, valid, what):
     raise ConfigError(f"unknown {what} {value!r}; valid choices: {', '.join(map(str, valid))}")
 
 
+def _finite(x) -> bool:
+  try:
+    return math.isfinite(float(x))
+  except (TypeError, ValueError):
+    return False
+
+
+def validate_run_fields(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """The fields every task shares: batching, cadences, checkpoints, the optimiser's numbers."""
+  for key in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps", "keep_checkpoints"):
+    if not isinstance(c[key], int) or c[key] < 1:
+      raise ConfigError(f"{key} must be an integer >= 1, got {c[key]!r}")
+  for prefix in ("eval_every", "checkpoint_every"):
+    for unit in ("epochs", "steps", "examples"):
+      v = c.get(f"{prefix}_{unit}")
+      if v is not None and not (_finite(v) and v > 0):
+        raise ConfigError(f"{prefix}_{unit} must be > 0, got {v!r}")
+  for key in ("batch_size", "eval_batch_size"):
+    if c[key] % num_devices:
+      raise ConfigError(f"{key}={c[key]} is not divisible by the number of devices ({num_devices}); "
+                        f"use a multiple of {num_devices}")
+  validate_optim(c.optim, c.num_epochs, "optim")
+  from lt_jax.train.loop import HOST_SYNC  # the setting lives with the loop
+  _choice(c.host_sync, HOST_SYNC, "host_sync")
+
+
+def validate_optim(o: ml_collections.ConfigDict, num_epochs: float, where: str) -> None:
+  _choice(o.schedule, SCHEDULES, f"{where}.schedule")
+  _choice(o.name, ("sgd", "adamw"), f"{where}.name")
+  if not (_finite(o.lr) and o.lr > 0):
+    raise ConfigError(f"{where}.lr must be a finite number > 0, got {o.lr}")
+  if not (_finite(o.weight_decay) and o.weight_decay >= 0):
+    raise ConfigError(f"{where}.weight_decay must be a finite number >= 0, got {o.weight_decay}")
+  if not (_finite(o.warmup_epochs) and 0 <= o.warmup_epochs <= num_epochs):
+    raise ConfigError(f"{where}.warmup_epochs must be in [0, num_epochs={num_epochs}], got {o.warmup_epochs}")
+  if not all(_finite(e) and e >= 0 for e in o.decay_epochs) or list(o.decay_epochs) != sorted(o.decay_epochs):
+    raise ConfigError(f"{where}.decay_epochs must be increasing epochs >= 0, got {tuple(o.decay_epochs)}")
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """Rejects bad values with a message naming the valid choices."""
   from lt_jax import losses  # local import: the registry is the source of truth
+  validate_run_fields(c, num_devices)
   if c.dataset.get("source", "memory") != "memory":  # host input pipeline: configs/imagenet_lt.py, inat18.py
     from lt_jax.data import streaming  # the source names live with the pipeline
     _choice(c.dataset.source, streaming.STREAM_SOURCES, "dataset.source")
@@ -231,8 +273,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _choice(c.model.name, MODELS, "model")
   _choice(c.model.head, HEADS, "head")
   _choice(c.sampler.name, SAMPLERS, "sampler")
-  _choice(c.optim.schedule, SCHEDULES, "lr schedule")
-  _choice(c.optim.name, ("sgd", "adamw"), "optimizer")
   _choice(c.model.dtype, ("float32", "bfloat16"), "model dtype")
   if c.loss.name not in losses.LOSSES:
     raise ConfigError(f"unknown loss {c.loss.name!r}; valid losses: {', '.join(losses.LOSSES)}")
@@ -240,23 +280,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     losses.make_loss(c.loss.name, **c.loss.hparams.to_dict())
   except (TypeError, ValueError) as e:
     raise ConfigError(f"bad hyper-parameters for loss {c.loss.name!r}: {e}") from e
-  if not c.dataset.imbalance_ratio >= 1:
-    raise ConfigError(f"dataset.imbalance_ratio must be >= 1, got {c.dataset.imbalance_ratio}")
-  positive = {"batch_size": c.batch_size, "eval_batch_size": c.eval_batch_size, "num_epochs": c.num_epochs,
-              "log_every_steps": c.log_every_steps, "sampler.k_per_class": c.sampler.k_per_class}
-  for key, value in positive.items():
-    if int(value) < 1:
-      raise ConfigError(f"{key} must be >= 1, got {value}")
-  for key in ("batch_size", "eval_batch_size"):
-    if c[key] % num_devices:
-      raise ConfigError(f"{key}={c[key]} is not divisible by the number of devices ({num_devices}); "
-                       f"use a multiple of {num_devices}")
-  if c.optim.lr <= 0:
-    raise ConfigError(f"optim.lr must be > 0, got {c.optim.lr}")
-  if c.optim.warmup_epochs < 0 or c.optim.warmup_epochs > c.num_epochs:
-    raise ConfigError(f"optim.warmup_epochs must be in [0, num_epochs], got {c.optim.warmup_epochs}")
-  if list(c.optim.decay_epochs) != sorted(c.optim.decay_epochs):
-    raise ConfigError(f"optim.decay_epochs must be increasing, got {c.optim.decay_epochs}")
+  if not (_finite(c.dataset.imbalance_ratio) and c.dataset.imbalance_ratio >= 1):
+    raise ConfigError(f"dataset.imbalance_ratio must be >= 1 and finite, got {c.dataset.imbalance_ratio}")
+  for key in ("val_per_class", "subset_seed"):
+    if c.dataset[key] < 0:
+      raise ConfigError(f"dataset.{key} must be >= 0, got {c.dataset[key]}")
+  if c.augment.crop_pad < 0:
+    raise ConfigError(f"augment.crop_pad must be >= 0, got {c.augment.crop_pad}")
+  if c.sampler.k_per_class < 1:
+    raise ConfigError(f"sampler.k_per_class must be >= 1, got {c.sampler.k_per_class}")
   _choice(c.mix.name, MIXES, "mix")
   if c.mix.name != "none" and not c.mix.alpha > 0:
     raise ConfigError(f"mix.alpha must be > 0, got {c.mix.alpha}")
@@ -294,8 +326,7 @@ def validate_stages(c: ml_collections.ConfigDict) -> None:
   for name in set(names) & set(TRAIN_STAGES):
     s = c.stage[name]
     _choice(s.sampler, SAMPLERS, f"stage.{name}.sampler")
-    _choice(s.optim.schedule, SCHEDULES, f"stage.{name}.optim.schedule")
-    _choice(s.optim.name, ("sgd", "adamw"), f"stage.{name}.optim.name")
+    validate_optim(s.optim, s.num_epochs, f"stage.{name}.optim")
     set_loss_check = LOSS_ALIASES.get(s.loss, s.loss)
     if set_loss_check not in LOSS_DEFAULTS:
       raise ConfigError(f"unknown stage.{name}.loss {s.loss!r}; valid losses: {', '.join(LOSS_DEFAULTS)}")
@@ -373,7 +404,7 @@ def set_dir_method(c: ml_collections.ConfigDict, method: str) -> None:
 
 def _positive(values: dict) -> None:
   for key, value in values.items():
-    if not value > 0:
+    if not (_finite(value) and value > 0):
       raise ConfigError(f"{key} must be > 0, got {value}")
 
 
@@ -400,8 +431,7 @@ def validate_regression(c: ml_collections.ConfigDict, num_devices: int = 1) -> N
   _choice(c.lds.reweight, regression.REWEIGHTS, "lds.reweight")
   _choice(c.lds.kernel, regression.KERNELS, "lds.kernel")
   _choice(c.fds.kernel, regression.KERNELS, "fds.kernel")
-  _choice(c.optim.schedule, SCHEDULES, "lr schedule")
-  _choice(c.optim.name, ("sgd", "adamw"), "optimizer")
+  validate_run_fields(c, num_devices)
   if c.lds.enabled and c.lds.reweight == "none":
     raise ConfigError("lds.enabled needs lds.reweight='sqrt_inv' or 'inverse' (LDS smooths the density the "
                       "weights invert), got 'none'")
@@ -412,10 +442,8 @@ def validate_regression(c: ml_collections.ConfigDict, num_devices: int = 1) -> N
   _positive({"bins.width": c.bins.width, "bins.stop - bins.start": c.bins.stop - c.bins.start,
              "lds.sigma": c.lds.sigma, "fds.sigma": c.fds.sigma, "loss.huber_beta": c.loss.huber_beta,
              "loss.focal_beta": c.loss.focal_beta, "loss.focal_gamma": c.loss.focal_gamma,
-             "loss.noise_sigma": c.loss.noise_sigma, "loss.sigma_lr": c.loss.sigma_lr, "optim.lr": c.optim.lr,
-             "batch_size": c.batch_size, "eval_batch_size": c.eval_batch_size, "num_epochs": c.num_epochs,
-             "log_every_steps": c.log_every_steps, "eval_every_epochs": c.eval_every_epochs,
-             "checkpoint_every_epochs": c.checkpoint_every_epochs})
+             "loss.noise_sigma": c.loss.noise_sigma, "loss.sigma_lr": c.loss.sigma_lr,
+             "dataset.imbalance_ratio": c.dataset.imbalance_ratio})
   if not 0.0 <= c.fds.momentum <= 1.0:
     raise ConfigError(f"fds.momentum must be in [0, 1], got {c.fds.momentum}")
   if c.fds.start_update < 0 or c.fds.start_smooth < 0:
@@ -426,10 +454,6 @@ def validate_regression(c: ml_collections.ConfigDict, num_devices: int = 1) -> N
     raise ConfigError(f"fds.clip must be (lo, hi) with 0 < lo <= hi, got {tuple(c.fds.clip)}")
   if not c.bins.many >= c.bins.few >= 0:
     raise ConfigError(f"bins.many must be >= bins.few >= 0, got {c.bins.many}, {c.bins.few}")
-  for key in ("batch_size", "eval_batch_size"):
-    if c[key] % num_devices:
-      raise ConfigError(f"{key}={c[key]} is not divisible by the number of devices ({num_devices}); "
-                        f"use a multiple of {num_devices}")
   if c.loss.name == "balanced_mse" and c.batch_size < 2:
     raise ConfigError("balanced_mse contrasts each prediction with the batch's other targets: batch_size >= 2")
 

@@ -28,10 +28,13 @@ class TrainState:
 
 def make_mesh(num_devices: int = 0) -> Mesh:
   """A 1-D ``('data',)`` mesh over the first ``num_devices`` global devices (0: all)."""
+  from lt_jax.train.config import ConfigError  # a user setting: one clear line in launch.py
   devices = jax.devices()
+  if not isinstance(num_devices, int) or num_devices < 0:
+    raise ConfigError(f"num_devices must be 0 (all) or a positive number of devices, got {num_devices!r}")
   if num_devices:
     if num_devices > len(devices):
-      raise ValueError(f"asked for {num_devices} devices, only {len(devices)} available")
+      raise ConfigError(f"num_devices={num_devices}, but only {len(devices)} devices are available")
     devices = devices[:num_devices]
   return Mesh(np.asarray(devices), ("data",))
 
