@@ -182,3 +182,36 @@ def test_nonfinite_parameters_are_never_checkpointed(tmp_path):
                                                      r"checkpoint \(step 2\)"):
     loop.train(base._replace(update=jax.jit(update)), _env(), report.MetricWriter(str(tmp_path), enabled=False))
   assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints")) == [2]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "meta", "empty"])
+def test_unreadable_latest_checkpoint_falls_back_with_a_warning(tmp_path, damage):
+  import shutil
+  logs = []
+  env = loop.Env(is_main=True, quiet=True, log=logs.append, block_each_step=False)
+  writer = lambda: report.MetricWriter(str(tmp_path), enabled=False)
+  loop.train(_toy_run(tmp_path, bad_step=-1), env, writer())
+  latest = tmp_path / "checkpoints" / "10"
+  if damage == "truncate":
+    for root, _, files in os.walk(latest / "state"):
+      for f in files:
+        open(os.path.join(root, f), "wb").close()
+  elif damage == "meta":
+    shutil.rmtree(latest / "meta")
+  else:
+    shutil.rmtree(latest)
+    latest.mkdir()
+  state, step = loop.train(_toy_run(tmp_path, bad_step=-1, last_step=12), env, writer())
+  assert any("checkpoint step 10" in l and "unreadable" in l and "resuming from step 8" in l for l in logs), logs
+  assert step == 12 and float(state.params["w"][0]) == 12.0
+  assert (tmp_path / "checkpoints" / "10.unreadable").exists() and (tmp_path / "checkpoints" / "12").exists()
+
+
+def test_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path):
+  from lt_jax.train import checkpoint
+  loop.train(_toy_run(tmp_path, bad_step=-1, last_step=2), _env(), report.MetricWriter(str(tmp_path), enabled=False))
+  for root, _, files in os.walk(tmp_path / "checkpoints" / "2"):
+    for f in files:
+      open(os.path.join(root, f), "wb").close()
+  with pytest.raises(checkpoint.ResumeError, match=r"no readable checkpoint in .*: step\(s\) 2 cannot be read.*mv "):
+    loop.train(_toy_run(tmp_path, bad_step=-1), _env(), report.MetricWriter(str(tmp_path), enabled=False))

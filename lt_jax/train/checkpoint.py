@@ -18,7 +18,7 @@ from lt_jax.train import config as config_lib
 
 
 class ResumeError(RuntimeError):
-  """The workdir's checkpoint was made by an incompatible config."""
+  """The workdir's checkpoint was made by an incompatible config, or none of its checkpoints is readable."""
 
 
 def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -32,29 +32,63 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None
                                           meta=ocp.args.JsonSave(meta)), force=True)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, config: dict):
-  """Returns ``(state, meta)`` of the latest checkpoint, or ``(None, None)`` if none.
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, config: dict, log=None):
+  """Returns ``(state, meta)`` of the newest readable checkpoint, or ``(None, None)`` if none.
 
   ``abstract_state`` is a state of the right structure (its arrays' shapes, dtypes and
   shardings are the restore target).
 
   Refuses (``ResumeError``) a checkpoint whose config differs in any field that changes
   the training trajectory (see ``config.RESUMABLE_FIELDS`` for those that may change).
+  A checkpoint that cannot be read (truncated or garbled files, an empty or stray step
+  folder) is moved aside to ``<step>.unreadable`` with a warning naming it, and the next
+  older one is tried; if there are checkpoints but none is readable the run stops
+  (``ResumeError``) rather than start from scratch over existing results.
   """
-  step = mngr.latest_step()
-  if step is None:
-    return None, None
-  meta = restore_meta(mngr, step)
-  diff = config_lib.incompatible_fields(meta["config"], config)
-  if diff:
-    raise ResumeError(
-        f"refusing to resume from {mngr.directory} (step {step}): the config changed in a way that "
-        "changes training:\n  " + "\n  ".join(diff) +
-        "\nUse a new --workdir, or restore the original values.")
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                        abstract_state)
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  return restored["state"], meta
+  log = log or (lambda *a: warnings.warn(" ".join(map(str, a))))
+  steps = sorted(mngr.all_steps(), reverse=True)
+  skipped = []
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state)
+  for step in steps:
+    try:
+      meta = restore_meta(mngr, step)
+    except Exception as e:  # pylint: disable=broad-except  (any unreadable file: orbax raises many kinds)
+      skipped.append((step, e))
+      continue
+    diff = config_lib.incompatible_fields(meta["config"], config)
+    if diff:
+      raise ResumeError(
+          f"refusing to resume from {mngr.directory} (step {step}): the config changed in a way that "
+          "changes training:\n  " + "\n  ".join(diff) +
+          "\nUse a new --workdir, or restore the original values.")
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    except Exception as e:  # pylint: disable=broad-except
+      skipped.append((step, e))
+      continue
+    _set_aside(mngr, skipped, log, f"resuming from step {step}")
+    return restored["state"], meta
+  if skipped:
+    names = ", ".join(str(s) for s, _ in skipped)
+    raise ResumeError(f"no readable checkpoint in {mngr.directory}: step(s) {names} cannot be read "
+                      f"({type(skipped[0][1]).__name__}: {str(skipped[0][1])[:200]}). Move them away "
+                      f"(e.g. mv {mngr.directory}/{skipped[0][0]} /tmp/) to start this workdir from scratch.")
+  return None, None
+
+
+def _set_aside(mngr: ocp.CheckpointManager, skipped, log, what: str) -> None:
+  """Renames unreadable step folders to ``<step>.unreadable`` (so later saves of that step work)."""
+  for step, err in skipped:
+    src = os.path.join(str(mngr.directory), str(step))
+    dst, n = f"{src}.unreadable", 1
+    while os.path.exists(dst):
+      dst, n = f"{src}.unreadable{n}", n + 1
+    if os.path.exists(src):
+      os.replace(src, dst)
+    log(f"warning: checkpoint step {step} in {mngr.directory} is unreadable ({type(err).__name__}); "
+        f"moved to {os.path.basename(dst)}, {what}")
+  if skipped:
+    mngr.reload()
 
 
 def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict:

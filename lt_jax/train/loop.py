@@ -112,7 +112,7 @@ def train(run: Run, env: Env, writer: report.MetricWriter) -> tuple[Any, int]:
   """Trains ``run`` from its latest checkpoint (if any) to ``run.last_step``; returns (state, step)."""
   mngr = checkpoint.manager(run.workdir, run.keep_checkpoints)
   state = run.state
-  restored, meta = checkpoint.restore_latest(mngr, state, run.record)
+  restored, meta = checkpoint.restore_latest(mngr, state, run.record, log=env.log)
   if restored is not None:
     state = restored
     env.log(f"{run.name}: resumed from {mngr.directory} at step {int(state.step)} (epoch {meta['epoch']:.2f})")
