@@ -110,5 +110,56 @@ def _raise_interrupt(signum, frame):
   raise KeyboardInterrupt
 
 
+def _cause(e: BaseException):
+  return e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+
+
+def _innermost(e: BaseException) -> str:
+  """The deepest cause's message on one line (absl wraps config-file and override errors)."""
+  while _cause(e) is not None:
+    e = _cause(e)
+  return " ".join(str(e).split()).strip("'\"") or type(e).__name__
+
+
+def _unknown_key_message(argv, key: str) -> str | None:
+  """``--config.a.b=v`` naming a key the config does not have: the valid keys at that level."""
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0].split(".")
+    if key not in path:
+      continue
+    try:
+      from ml_collections import config_flags as cf  # pylint: disable=g-import-not-at-top
+      spec = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
+      file, _, variant = spec.partition(":")
+      node = cf.config_flags._LoadConfigModule("lt_jax_config", file).get_config(variant or None)  # pylint: disable=protected-access
+    except Exception:  # pylint: disable=broad-except
+      return None
+    parent = path[:path.index(key)]
+    for p in parent:
+      node = node[p]
+    where = ".".join(["config", *parent])
+    return f"unknown config key {'.'.join(path)!r}: {where} has no {key!r}; valid keys: {', '.join(sorted(node.keys()))}"
+  return None
+
+
+def parse_flags(argv):
+  """absl's flag parsing with one ``error:`` line (exit 2) instead of a traceback: unknown config
+  keys (with the valid ones), bad variants, a missing config file, bad values."""
+  try:
+    rest = flags.FLAGS(argv)
+    if flags.FLAGS["config"].present:
+      _CONFIG.value.to_dict()  # the config file loads lazily: surface its errors here
+    return rest
+  except Exception as e:  # pylint: disable=broad-except  (flag, config-file and variant errors alike)
+    inner = e
+    while _cause(inner) is not None:
+      inner = _cause(inner)
+    msg = _unknown_key_message(argv, inner.args[0]) if isinstance(inner, KeyError) and inner.args else None
+    print(f"error: {msg or _innermost(e)}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  sys.exit(app.run(main, flags_parser=parse_flags))

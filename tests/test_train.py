@@ -202,12 +202,17 @@ def test_config_variants():
     cifar_lt.get_config("loss=nope")
 
 
-def test_unknown_command_line_key_is_rejected():
-  proc = subprocess.run([sys.executable, "launch.py", "--config=configs/fashion_mnist_lt.py",
-                         "--workdir=/tmp/never", "--config.optim.lrr=0.1"], cwd=ROOT,
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/fashion_mnist_lt.py", "--config.optim.lrr=0.1"],
+     "error: unknown config key 'optim.lrr': config.optim has no 'lrr'; valid keys: decay_epochs, decay_factor, lr,"),
+    (["--config=configs/fashion_mnist_lt.py:ir=abc"], "error: config variant ir='abc': expected a number"),
+    (["--config=configs/nope.py"], "error: Failed loading config file"),
+])
+def test_bad_command_line_gives_one_error_line(args, message):
+  proc = subprocess.run([sys.executable, "launch.py", *args, "--workdir=/tmp/never"], cwd=ROOT,
                         capture_output=True, text=True, timeout=120)
-  assert proc.returncode != 0
-  assert "lrr" in proc.stderr
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().startswith(message) and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_standard_cifar_schedule():

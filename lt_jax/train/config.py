@@ -151,11 +151,11 @@ def apply_common_variants(c: ml_collections.ConfigDict, variant: dict, allowed: 
   if unknown:
     raise ConfigError(f"unknown config variant key(s) {sorted(unknown)}; valid keys: {', '.join(allowed)}")
   if "epochs" in variant:  # first: the DRW recipes defer to the (scaled) first decay
-    set_epochs(c, int(variant["epochs"]))
+    set_epochs(c, variant_number(variant, "epochs", int))
   if "ir" in variant:
-    c.dataset.imbalance_ratio = float(variant["ir"])
+    c.dataset.imbalance_ratio = variant_number(variant, "ir", float)
   if "seed" in variant:
-    c.seed = int(variant["seed"])
+    c.seed = variant_number(variant, "seed", int)
   if "head" in variant:
     c.model.head = str(variant["head"])
   if "sampler" in variant:
@@ -169,6 +169,15 @@ def apply_common_variants(c: ml_collections.ConfigDict, variant: dict, allowed: 
   if "stages" in variant:  # commas separate variant keys, so stages are joined by '+'
     c.stages = str(variant["stages"]).replace("+", ",")
   return c
+
+
+def variant_number(variant: dict, key: str, kind=float):
+  """``variant[key]`` as a number, or a :class:`ConfigError` naming the key."""
+  try:
+    return kind(variant[key])
+  except (TypeError, ValueError):
+    raise ConfigError(f"config variant {key}={variant[key]!r}: expected {'an integer' if kind is int else 'a number'}"
+                      ) from None
 
 
 COMMON_VARIANTS = ("ir", "loss", "sampler", "head", "seed", "mix", "bbn", "stages", "epochs")
