@@ -14,7 +14,6 @@ lt_jax variants (ResNet-32):
   xla+flaxBN/noopt  conv_impl='xla', bn_impl='flax', default XLA options (the naive port)
   xla+fusedBN/noopt conv_impl='xla', bn_impl='fused', default XLA options
   xla+flaxBN/opt    conv_impl='xla', bn_impl='flax', cpu_compiler_options()
-  im2col/opt        conv_impl='im2col' (custom_vjp weight gradient as per-tap matmuls), fused BN, options
 
 torch: ``pip install torch==2.13.0`` (not a project requirement); without it only JAX numbers
 are printed.
@@ -203,7 +202,7 @@ def main(argv=None):
   ap.add_argument("--skip-cnn", action="store_true")
   ap.add_argument("--skip-resnet", action="store_true")
   ap.add_argument("--no-torch", action="store_true")
-  ap.add_argument("--variants", default="lt_jax,xla+flaxBN/noopt,xla+fusedBN/noopt,xla+flaxBN/opt,im2col/opt",
+  ap.add_argument("--variants", default="lt_jax,xla+flaxBN/noopt,xla+fusedBN/noopt,xla+flaxBN/opt",
                   help="comma-separated lt_jax variants for ResNet-32")
   args = ap.parse_args(argv)
 
@@ -224,7 +223,6 @@ def main(argv=None):
       "xla+flaxBN/noopt": dict(conv_impl="xla", bn_impl="flax", opts={}),
       "xla+fusedBN/noopt": dict(conv_impl="xla", bn_impl="fused", opts={}),
       "xla+flaxBN/opt": dict(conv_impl="xla", bn_impl="flax", opts=opts),
-      "im2col/opt": dict(conv_impl="im2col", bn_impl="fused", opts=opts),
   }
   if not args.skip_resnet:
     runners = []
