@@ -25,20 +25,16 @@ Reproduce:  python bench/train_step.py            (about 3 minutes on 2 cores)
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import jax
+import jax.numpy as jnp
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-
-from lt_jax.models import get_model  # noqa: E402
-from lt_jax.models.layers import cpu_compiler_options  # noqa: E402
+from lt_jax.models import get_model
+from lt_jax.models.layers import cpu_compiler_options
 
 LR, MOMENTUM, WD = 0.1, 0.9, 2e-4
 

@@ -307,8 +307,6 @@ def test_to_global_on_a_two_device_mesh(source):
 
 
 def test_smoke_configs_open_a_generated_fixture(tmp_path):
-  import sys
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import imagenet_lt, inat18  # pylint: disable=g-import-not-at-top
   full = imagenet_lt.get_config()
   assert (full.model.name, full.batch_size, full.num_epochs, full.optim.lr, full.optim.schedule,
@@ -339,8 +337,6 @@ def _trainer_streams() -> bool:
 @pytest.mark.skipif(not _trainer_streams(), reason="the trainer's streaming branch is not wired in yet (issue 6)")
 def test_streamed_training_resumes_exactly(tmp_path):
   """iNat18 smoke on the 2-device mesh: 4 steps straight == 2 steps, stop, resume to 4 (bitwise)."""
-  import sys
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import inat18  # pylint: disable=g-import-not-at-top
   from lt_jax.train.trainer import train_and_evaluate  # pylint: disable=g-import-not-at-top
 
