@@ -25,17 +25,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+from sklearn.metrics import balanced_accuracy_score, f1_score
 
-import jax  # noqa: E402
-from sklearn.metrics import balanced_accuracy_score, f1_score  # noqa: E402
-
-from lt_jax import metrics as M  # noqa: E402
+from lt_jax import metrics as M
 
 
 def _best(fn, repeats: int) -> tuple[float, object]:

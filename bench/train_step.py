@@ -14,7 +14,6 @@ lt_jax variants (ResNet-32):
   xla+flaxBN/noopt  conv_impl='xla', bn_impl='flax', default XLA options (the naive port)
   xla+fusedBN/noopt conv_impl='xla', bn_impl='fused', default XLA options
   xla+flaxBN/opt    conv_impl='xla', bn_impl='flax', cpu_compiler_options()
-  im2col/opt        conv_impl='im2col' (custom_vjp weight gradient as per-tap matmuls), fused BN, options
 
 torch: ``pip install torch==2.13.0`` (not a project requirement); without it only JAX numbers
 are printed.
@@ -26,20 +25,16 @@ Reproduce:  python bench/train_step.py            (about 3 minutes on 2 cores)
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import jax
+import jax.numpy as jnp
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-
-from lt_jax.models import get_model  # noqa: E402
-from lt_jax.models.layers import cpu_compiler_options  # noqa: E402
+from lt_jax.models import get_model
+from lt_jax.models.layers import cpu_compiler_options
 
 LR, MOMENTUM, WD = 0.1, 0.9, 2e-4
 
@@ -203,7 +198,7 @@ def main(argv=None):
   ap.add_argument("--skip-cnn", action="store_true")
   ap.add_argument("--skip-resnet", action="store_true")
   ap.add_argument("--no-torch", action="store_true")
-  ap.add_argument("--variants", default="lt_jax,xla+flaxBN/noopt,xla+fusedBN/noopt,xla+flaxBN/opt,im2col/opt",
+  ap.add_argument("--variants", default="lt_jax,xla+flaxBN/noopt,xla+fusedBN/noopt,xla+flaxBN/opt",
                   help="comma-separated lt_jax variants for ResNet-32")
   args = ap.parse_args(argv)
 
@@ -224,7 +219,6 @@ def main(argv=None):
       "xla+flaxBN/noopt": dict(conv_impl="xla", bn_impl="flax", opts={}),
       "xla+fusedBN/noopt": dict(conv_impl="xla", bn_impl="fused", opts={}),
       "xla+flaxBN/opt": dict(conv_impl="xla", bn_impl="flax", opts=opts),
-      "im2col/opt": dict(conv_impl="im2col", bn_impl="fused", opts=opts),
   }
   if not args.skip_resnet:
     runners = []

@@ -12,7 +12,7 @@ Pure functions (``jax.numpy``; jit-, vmap- and grad-safe):
 * :func:`weight_norms`, :func:`tau_normalize`, :func:`tau_norm_logits`  (tau-normalisation)
 * :func:`posthoc_adjust`                                                  (logit adjustment)
 * :func:`class_means`, :func:`ncm_centroids`, :func:`ncm_logits`          (NCM classifier)
-* :func:`lws_from_linear`, :func:`lws_param_labels`                       (LWS stage set-up)
+* :func:`lws_from_linear`                                                 (LWS stage set-up)
 * :func:`prior_bias_init`, :func:`sigmoid_prior_bias_init`                (bias initialisers)
 
 Parameter layout (what a trainer labels to freeze a stage). Each head declares its
@@ -25,8 +25,8 @@ called ``head`` the leaves are::
 
 ``scales`` is a name no other lt_jax module uses (BatchNorm's leaf is ``scale``), so
 the LWS stage of Kang et al. (backbone and linear classifier frozen, only the scales
-trained) is ``optax.multi_transform({'trainable': opt, 'frozen': optax.set_to_zero()},
-lws_param_labels(params))``: every leaf whose last path key is ``scales`` is trainable.
+trained) trains exactly the leaves whose last path key is ``scales``; the trainer builds
+that partition with :func:`lt_jax.decoupled.param_labels`.
 """
 
 from __future__ import annotations
@@ -202,8 +202,8 @@ class LWSHead(LinearHead):
   ICLR 2020 (``TauNormClassifier.py``): the trained linear classifier (``kernel``,
   ``bias``) is frozen and only the per-class ``scales`` are learnt, on a frozen
   backbone with class-balanced sampling. The head itself trains everything; freezing
-  is the trainer's job (label leaves with :func:`lws_param_labels`, give ``frozen``
-  ``optax.set_to_zero()``). Start from a trained :class:`LinearHead` with
+  is the trainer's job (:func:`lt_jax.decoupled.param_labels` partitions the parameters, frozen
+  leaves get ``optax.set_to_zero()``). Start from a trained :class:`LinearHead` with
   :func:`lws_from_linear`.
 
   Attributes:
@@ -238,23 +238,6 @@ def lws_from_linear(linear_params: Mapping[str, Any]) -> dict:
   out = dict(inner)
   out["scales"] = jnp.ones((kernel.shape[-1],), jnp.asarray(kernel).dtype)
   return {**linear_params, "params": out} if wrapped else out
-
-
-def lws_param_labels(params: Any, trainable: str = "scales") -> Any:
-  """Pytree of ``'trainable'`` / ``'frozen'`` labels for the LWS stage.
-
-  A leaf is ``'trainable'`` iff the last key of its path equals ``trainable``
-  (default ``'scales'``, the :class:`LWSHead` leaf); everything else (backbone,
-  ``kernel``, ``bias``) is ``'frozen'``. Use with ``optax.multi_transform`` (or
-  ``optax.partition``) and ``optax.set_to_zero()`` for ``'frozen'``.
-  """
-
-  def label(path, _):
-    last = path[-1] if path else None
-    name = getattr(last, "key", getattr(last, "name", None))
-    return "trainable" if name == trainable else "frozen"
-
-  return jax.tree_util.tree_map_with_path(label, params)
 
 
 # ---------------------------------------------------------------------------------------

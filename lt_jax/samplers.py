@@ -5,12 +5,16 @@ Two layers:
 1. *Class distributions* ``p`` (shape ``(C,)``) computed from training counts:
    :func:`class_probs` (instance / square-root / class-balanced, Kang et al., ICLR 2020),
    :func:`progressive_probs` (Kang et al., ICLR 2020), :func:`reversed_probs`
-   (BBN, Zhou et al., CVPR 2020), and the by-name helper :func:`scheme_probs`.
+   (BBN, Zhou et al., CVPR 2020).
 2. *Index draws* of training-example indices, pure JAX and usable inside ``jit``:
    :func:`sample_indices` (class from ``p``, then an example uniformly within the class),
    :func:`class_aware_indices` (Shen et al., ECCV 2016; classifier-balancing
    ``ClassAwareSampler``: rounds over a random class permutation, ``K`` examples per
-   class) and :func:`instance_indices` (plain uniform).
+   class, each class's examples walked without replacement) and :func:`instance_indices`
+   (plain uniform).
+
+The sampler names a run config chooses from are :data:`SAMPLERS` (one vocabulary for the
+on-device step and the streaming host samplers of :mod:`lt_jax.data.streaming`).
 
 Fast path for a jitted train step. Build a :class:`SamplerIndex` once, on the host, with
 :func:`build_index` (a stable sort of the labels, ``O(N log N)``, done once) and pass it
@@ -44,7 +48,25 @@ from lt_jax.priors import _check_concrete_counts, class_counts
 
 Array = jax.Array
 
-SAMPLING_SCHEMES = ("instance", "square_root", "class", "progressive", "reversed")
+SAMPLERS = ("instance", "class_balanced", "sqrt", "progressive", "class_aware", "reversed")
+"""Training-batch samplers, by name (the one vocabulary of configs, the train step and the host pipeline).
+
+* ``instance``: shuffled epochs, every example once per epoch (drop-last); ``p_j = n_j / N``.
+* ``class_balanced``: ``p_j = 1 / C`` (:func:`class_probs` with ``q = 0``), example uniform
+  within the class (Kang et al., ICLR 2020).
+* ``sqrt``: square-root sampling ``p_j ∝ n_j^{1/2}`` (``q = 1/2``; Mahajan et al., ECCV 2018).
+* ``progressive``: ``p_j(t) = (1 - t) n_j / N + t / C`` with ``t = epoch / (T - 1)``
+  (:func:`progressive_probs`; Kang et al., ICLR 2020).
+* ``class_aware``: rounds over a shuffled class list, ``K`` examples per class visit, each
+  class's examples walked without replacement and reshuffled after each pass
+  (:func:`class_aware_indices`; Shen et al., ECCV 2016; classifier-balancing
+  ``ClassAwareSampler``), the cRT / LWS stage sampler.
+* ``reversed``: BBN's reversed sampler ``p_j ∝ n_max / n_j`` (:func:`reversed_probs`;
+  Zhou et al., CVPR 2020).
+
+The i.i.d. samplers (``class_balanced``, ``sqrt``, ``progressive``, ``reversed``) draw the
+class from ``p`` and the example uniformly within it (:func:`sample_indices`).
+"""
 
 
 # ----------------------------------------------------------------------------------------
@@ -121,27 +143,6 @@ def reversed_probs(counts: Array) -> Array:
   n_max = jnp.max(c)
   w = n_max / jnp.where(present, c, 1.0)
   return _normalise_masked(w, present)
-
-
-def scheme_probs(scheme: str, counts: Array, *, t: float | Array = 0.0) -> Array:
-  """Class distribution by name, for configs: one of :data:`SAMPLING_SCHEMES`.
-
-  ``instance`` (q=1), ``square_root`` (q=1/2), ``class`` (q=0), ``progressive`` (uses
-  ``t``), ``reversed`` (BBN). Class-aware sampling is not a distribution over classes
-  alone (it is a round structure): use :func:`class_aware_indices`.
-  """
-  if scheme == "instance":
-    return class_probs(counts, 1.0)
-  if scheme == "square_root":
-    return class_probs(counts, 0.5)
-  if scheme == "class":
-    return class_probs(counts, 0.0)
-  if scheme == "progressive":
-    return progressive_probs(counts, t)
-  if scheme == "reversed":
-    return reversed_probs(counts)
-  raise ValueError(f"unknown sampling scheme {scheme!r}; valid schemes: {', '.join(SAMPLING_SCHEMES)} "
-                   "(class-aware sampling: class_aware_indices)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -278,6 +279,40 @@ def sample_indices(key: Array, labels: Array | SamplerIndex, class_probs: Array,
   return _uniform_within(k_ex, cls, order, starts, counts)
 
 
+def _feistel_round_bits(key: Array, rnd: int, half: Array, mask: Array) -> Array:
+  """Keyed round function ``F_rnd(half)`` of :func:`within_class_permutation`."""
+  return jax.random.bits(jax.random.fold_in(jax.random.fold_in(key, rnd), half), (), jnp.uint32) & mask
+
+
+def within_class_permutation(key: Array, x: Array, n: Array, rounds: int = 4) -> Array:
+  """``pi_key(x)`` for a keyed pseudo-random permutation ``pi_key`` of ``{0, ..., n - 1}``.
+
+  Stateless, ``O(1)`` per query, static shapes: a balanced Feistel network (Luby &
+  Rackoff, SIAM J. Comput. 1988) on ``2h``-bit words, ``h = ceil(ceil(log2 n) / 2)``,
+  with ``rounds`` keyed round functions (threefry bits of ``(key, round, half)``), made a
+  bijection of ``[0, n)`` by cycle walking (Black & Rogaway, "Ciphers with arbitrary
+  finite domains", CT-RSA 2002): re-encrypt while the value is ``>= n`` (fewer than 4
+  steps on average, since ``4^h < 4 n``). For a fixed ``key`` and ``n``,
+  ``[pi(0), ..., pi(n - 1)]`` is therefore a permutation of ``range(n)`` exactly;
+  different keys give (pseudo-)independent permutations. ``x`` and ``n`` may be traced
+  (``x`` int32 in ``[0, n)``, ``n >= 1``); vmap over them for many queries.
+  """
+  n = jnp.asarray(n, jnp.uint32)
+  x = jnp.asarray(x, jnp.uint32)
+  bits = jnp.where(n > 1, 32 - jax.lax.clz(jnp.maximum(n, 2) - 1), 0).astype(jnp.uint32)  # ceil(log2 n)
+  h = (bits + 1) // 2
+  mask = (jnp.uint32(1) << h) - 1
+
+  def encrypt(v):
+    left, right = v >> h, v & mask
+    for r in range(rounds):
+      left, right = right, left ^ _feistel_round_bits(key, r, right, mask)
+    return (left << h) | right
+
+  y = jax.lax.while_loop(lambda v: v >= n, encrypt, encrypt(x))
+  return jnp.where(n > 1, y, 0).astype(jnp.int32)
+
+
 def class_aware_indices(key: Array, index: SamplerIndex, num: int, k_per_class: int = 4,
                         start: int | Array = 0) -> Array:
   """Class-aware sampling (Shen et al., ECCV 2016; Kang et al., ICLR 2020, cRT / LWS).
@@ -285,30 +320,34 @@ def class_aware_indices(key: Array, index: SamplerIndex, num: int, k_per_class: 
   Defines an infinite stream, a pure function of ``key``, made of *rounds*: round ``r``
   visits every non-empty class once, in the order of a fresh random permutation (keyed by
   ``fold_in(key, r)``), and each visit yields ``k_per_class`` consecutive examples of that
-  class, each uniform within the class. A round has ``L = C_nonempty * K`` slots, and each
-  non-empty class appears exactly ``K`` times per round. This call returns stream
-  positions ``[start, start + num)``.
+  class. A round has ``L = C_nonempty * K`` slots, and each non-empty class appears
+  exactly ``K`` times per round, so class ``c`` makes its ``j``-th draw (``j = 0, 1, ...``)
+  at round ``j // K``. Draw ``j`` of class ``c`` is entry ``j mod n_c`` of the
+  ``(j // n_c)``-th random permutation of the class's examples
+  (:func:`within_class_permutation` keyed by ``(key, c, j // n_c)``): every example of the
+  class is drawn exactly once per pass over the class, and the order is reshuffled for the
+  next pass. This call returns stream positions ``[start, start + num)``.
 
-  Relation to the reference (classifier-balancing ``data/ClassAwareSampler.py``,
-  ``num_samples_cls=K``, 4 in the cRT / LWS configs): there a class iterator cycles
-  through a list of classes reshuffled at each pass, and each visit takes the next ``K``
-  examples of that class's own cycling list, reshuffled after each pass over the class.
-  Same here: the round / visit / ``K`` structure and the class order (a new permutation
-  per pass). Different here: (a) within a class, examples are drawn i.i.d. uniform *with
-  replacement* (stateless) instead of walking a reshuffled per-class list without
-  replacement, so a visit can repeat an example (probability ~``K^2 / (2 n_c)``); the
-  expected frequency of every example is the same. (b) The stream continues across
-  calls only if you ask for it: call with a fixed ``key`` and ``start = step * num`` to get
-  the reference's behaviour (the class cycle runs on across batches, so every class gets
-  the same number of draws up to one round); with a fresh key per step and
-  ``start = 0``, each batch is the beginning of an independent stream (when ``num`` is
-  not a multiple of ``L``, the classes of the last partial round are a random subset).
-  (c) Empty classes are skipped; the reference assumes every class id has examples.
+  Same as the reference (classifier-balancing ``data/ClassAwareSampler.py``,
+  ``RandomCycleIter``, ``num_samples_cls=K``, 4 in the cRT / LWS configs): a class
+  iterator cycles through a list of classes reshuffled at each pass, and each visit takes
+  the next ``K`` examples of that class's own cycling list, reshuffled after each pass
+  over the class (without replacement within a pass). The host twin
+  :class:`lt_jax.data.streaming.HostSampler` has the same semantics (NumPy permutations
+  instead of the Feistel permutation, so different draws). Different here: (a) stateless
+  (a function of the stream position) instead of iterator state; the within-class order is
+  a keyed pseudo-random permutation, not a uniformly random one. (b) The stream continues
+  across calls only if you ask for it: call with a fixed ``key`` and
+  ``start = step * num`` to get the reference's behaviour (the class cycle runs on across
+  batches, as the train step does); with a fresh key per step and ``start = 0``, each
+  batch is the beginning of an independent stream. (c) Empty classes are skipped; the
+  reference assumes every class id has examples.
 
   Cost per call: ``ceil(num / L)`` permutations of the ``C_nonempty`` classes, plus one
-  more when the slice crosses a round boundary (``O(C log C)`` each), plus ``O(num)``.
-  iNaturalist scale (C = 8142, K = 4, num = 512) on the 2-core CPU: ~4-8 ms per call,
-  dominated by XLA:CPU's sort inside ``jax.random.permutation``.
+  more when the slice crosses a round boundary (``O(C log C)`` each), plus ``O(num)``
+  Feistel evaluations (4 threefry draws each, times the few cycle-walking steps).
+  iNaturalist scale (N = 1.3M, C = 8142, K = 4, num = 512) on the 2-core CPU under load:
+  ~8 ms per call.
 
   Args:
     key: a ``jax.random.key`` (the stream's seed).
@@ -347,16 +386,17 @@ def class_aware_indices(key: Array, index: SamplerIndex, num: int, k_per_class: 
   last = jax.lax.cond(needs_last, one_round, lambda rk: jnp.zeros_like(index.classes), round_keys[-1])
   perms = jnp.concatenate([perms, last[None]], axis=0)          # (R, C_ne)
   pos = start + jnp.arange(num, dtype=jnp.int32)                 # global stream positions
-  r_local = pos // L - r0
+  r_global = pos // L
   in_round = pos % L
-  cls = perms[r_local, in_round // K]
+  cls = perms[r_global - r0, in_round // K]
+  j = r_global * K + in_round % K                                # class cls's draw number
+  n_c = jnp.maximum(index.counts[cls], 1)
+  walk_root = jax.random.split(key, 2)[1]                        # independent of the round keys
 
-  def draw(rk, slot, c):
-    _, draw_key = jax.random.split(rk)
-    k = jax.random.fold_in(draw_key, slot)
-    return jax.random.randint(k, (), 0, jnp.maximum(index.counts[c], 1))
+  def within(c, p, x, n):
+    return within_class_permutation(jax.random.fold_in(jax.random.fold_in(walk_root, c), p), x, n)
 
-  offset = jax.vmap(draw)(round_keys[r_local], in_round, cls)
+  offset = jax.vmap(within)(cls, j // n_c, j % n_c, n_c)
   return index.order[index.starts[cls] + offset]
 
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import jax
 import jax.numpy as jnp
-import optax
 
 from lt_jax import heads, priors
 
@@ -111,26 +110,6 @@ def test_lws_head_formula_and_from_linear():
                                 nb.apply(nv, f))
   with pytest.raises(ValueError):
     heads.lws_from_linear({"params": {"bias": jnp.zeros(C)}})
-
-
-def test_lws_param_labels_freeze_everything_but_scales():
-  f = jnp.ones((2, D))
-  params = {"backbone": {"Dense_0": {"kernel": jnp.ones((D, D)), "bias": jnp.ones(D)},
-                         "BatchNorm_0": {"scale": jnp.ones(D), "bias": jnp.zeros(D)}},
-            "head": heads.LWSHead(C).init(jax.random.key(0), f)["params"]}
-  labels = heads.lws_param_labels(params)
-  assert labels["head"] == {"kernel": "frozen", "bias": "frozen", "scales": "trainable"}
-  assert labels["backbone"]["BatchNorm_0"]["scale"] == "frozen"
-  tx = optax.multi_transform({"trainable": optax.sgd(0.1), "frozen": optax.set_to_zero()}, labels)
-  grads = jax.tree_util.tree_map(jnp.ones_like, params)
-  updates, _ = tx.update(grads, tx.init(params), params)
-  new = optax.apply_updates(params, updates)
-  np.testing.assert_allclose(new["head"]["scales"], np.full(C, 0.9), rtol=1e-6)
-  for path in (("head", "kernel"), ("head", "bias"), ("backbone", "Dense_0", "kernel")):
-    a, b = params, new
-    for k in path:
-      a, b = a[k], b[k]
-    np.testing.assert_array_equal(a, b)
 
 
 def test_heads_jit_and_bfloat16():

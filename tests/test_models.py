@@ -1,5 +1,5 @@
 """Tests for lt_jax.models: shapes, parameter counts, shortcuts, init, heads, BBN, dtypes,
-the im2col convolution gradient and the hand-written BatchNorm backward."""
+the hand-written BatchNorm backward."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import jax
 import jax.numpy as jnp
-from jax import lax
 import flax.linen as nn
 
 from lt_jax import models
@@ -309,47 +308,16 @@ def test_bfloat16_compute_close_to_float32(name, shape):
 
 
 # ---------------------------------------------------------------------------------------
-# im2col convolution and fused BatchNorm against the XLA / flax references.
-
-
-# (kernel, stride, padding, groups, H=W): CIFAR 3x3 s1/s2, ResNet-50 1x1 s2 projection and
-# 7x7 s2 stem, ResNeXt grouped 3x3 s2 on an odd input.
-_CONV_CASES = [(3, 1, 1, 1, 8), (3, 2, 1, 1, 8), (1, 2, 0, 1, 6), (7, 2, 3, 1, 12), (3, 2, 1, 2, 7)]
-
-
-def test_im2col_conv_gradients_match_xla():
-  for case in _CONV_CASES:
-    _check_im2col_case(*case)
-
-
-def _check_im2col_case(k, stride, pad, groups, hw):
-  seed = k * 100 + stride * 10 + groups
-  cin, cout = 8, 12
-  x = _randn(seed, (3, hw, hw, cin))
-  w = _randn(seed + 1, (k, k, cin // groups, cout)) * 0.2
-  y_ref = layers.conv2d(x, w, stride, pad, groups, "xla")
-  g = _randn(seed + 2, y_ref.shape)
-  # Reference: autodiff of lax.conv_general_dilated.
-  ref_conv = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
-                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                                    feature_group_count=groups)
-  loss = lambda conv: (lambda x, w: jnp.sum(conv(x, w) * g))
-  dx_ref, dw_ref = jax.jit(jax.grad(loss(ref_conv), argnums=(0, 1)))(x, w)
-  for impl in ("im2col",):
-    conv = lambda x, w, impl=impl: layers.conv2d(x, w, stride, pad, groups, impl)
-    np.testing.assert_array_equal(np.asarray(conv(x, w)), np.asarray(ref_conv(x, w)))
-    dx, dw = jax.jit(jax.grad(loss(conv), argnums=(0, 1)))(x, w)
-    rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-    assert rel(dw, dw_ref) < 1e-4 and rel(dx, dx_ref) < 1e-5, (impl, rel(dw, dw_ref), rel(dx, dx_ref))
+# Fused BatchNorm against the flax reference; bn_impl='auto' resolution.
 
 
 def test_model_gradients_equal_across_conv_and_bn_impls():
-  """ResNet-8 loss gradients: (xla, flax BN) == (im2col, fused BN) to 1e-4 relative."""
+  """ResNet-8 loss gradients: (xla, flax BN) == (xla, fused BN) to 1e-4 relative."""
   x = _randn(0, (4, 16, 16, 3))
   y = jnp.arange(4) % 10
   grads = {}
   _, v = _small_vars()
-  for conv_impl, bn_impl in [("xla", "flax"), ("im2col", "fused")]:
+  for conv_impl, bn_impl in [("xla", "flax"), ("xla", "fused")]:
     m = CifarResNet(depth=8, conv_impl=conv_impl, bn_impl=bn_impl)
     assert jax.tree.structure(_abstract_init(m, x.shape)) == jax.tree.structure(v)
 
@@ -403,6 +371,36 @@ def test_fused_batchnorm_matches_flax(dtype):
                                         + st["params"]["bias"])[None].repeat(2, 0), rtol=1e-6)
 
 
+def test_bn_impl_auto_resolution():
+  assert layers.resolve_bn_impl("auto", "cpu") == "fused"
+  assert layers.resolve_bn_impl("auto", "gpu") == "flax" and layers.resolve_bn_impl("auto", "tpu") == "flax"
+  assert layers.resolve_bn_impl("auto") == ("fused" if jax.default_backend() == "cpu" else "flax")
+  for impl in ("fused", "flax"):
+    assert layers.resolve_bn_impl(impl, "cpu") == impl and layers.resolve_bn_impl(impl, "gpu") == impl
+  with pytest.raises(ValueError, match="auto"):
+    layers.resolve_bn_impl("group")
+  assert models.get_model("resnet32").bn_impl == "auto"
+
+
+def test_bn_impl_auto_is_the_old_default_on_cpu():
+  """On CPU, bn_impl='auto' is bit-identical to 'fused' (the previous default): values and grads."""
+  assert jax.default_backend() == "cpu"
+  x = _randn(0, (4, 16, 16, 3))
+  out = {}
+  for impl in ("auto", "fused"):
+    m = CifarResNet(depth=8, bn_impl=impl)
+    v = m.init(jax.random.key(0), x, train=False)
+
+    def loss(p, m=m, v=v):
+      (logits, _), upd = m.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True,
+                                 mutable=["batch_stats"])
+      return jnp.sum(logits ** 2), upd
+
+    out[impl] = jax.jit(jax.value_and_grad(loss, has_aux=True))(v["params"])
+  for a, b in zip(jax.tree.leaves(out["auto"]), jax.tree.leaves(out["fused"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_max_pool_2x2_matches_flax():
   x = _randn(0, (2, 6, 4, 3))
   np.testing.assert_array_equal(np.asarray(max_pool_2x2(x)),
@@ -422,14 +420,16 @@ def test_get_model_errors_and_defaults():
     models.get_model("resnet32", head="softmax")
   with pytest.raises(ValueError, match="bbn"):
     models.get_model("resnet50", bbn=True)
-  with pytest.raises(ValueError, match="im2col"):
+  with pytest.raises(ValueError, match="xla"):
     models.get_model("resnet32", conv_impl="winograd")
+  with pytest.raises(ValueError, match="xla"):
+    models.get_model("resnet32", conv_impl="im2col")  # removed: slower than XLA everywhere
   with pytest.raises(ValueError, match="fused"):
     models.get_model("resnet32", bn_impl="group")
   with pytest.raises(ValueError, match="6n\\+2"):
     _abstract_init(CifarResNet(depth=30), (1, 32, 32, 3))
   m = models.get_model("resnet32")
-  assert isinstance(m, CifarResNet) and m.depth == 32 and m.conv_impl in ("xla", "im2col")
+  assert isinstance(m, CifarResNet) and m.depth == 32 and m.conv_impl == "xla" and m.bn_impl == "auto"
   assert models.get_model("resnext50").groups == 32
   assert set(models.MODELS) == {"resnet20", "resnet32", "resnet44", "resnet56", "cnn", "resnet50",
                                 "resnext50"}

@@ -20,9 +20,9 @@ from lt_jax.train import regression_trainer as rt
 from lt_jax.train.config import ConfigError
 from lt_jax.train.state import make_mesh, put_global, replicated
 
+from configs import fashion_mnist_dir  # installed (requirements.txt: -e .) or the cwd
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs import fashion_mnist_dir  # noqa: E402
 
 
 def tiny_config(method="lds_fds", **overrides):

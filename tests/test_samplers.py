@@ -82,12 +82,15 @@ def test_progressive_probs():
     S.progressive_probs(n, 1.5)
 
 
-def test_scheme_probs_names():
-  np.testing.assert_allclose(S.scheme_probs("square_root", COUNTS), _expected(0.5), rtol=1e-5)
-  np.testing.assert_allclose(S.scheme_probs("reversed", COUNTS), S.reversed_probs(COUNTS))
-  np.testing.assert_allclose(S.scheme_probs("progressive", COUNTS, t=1.0), _expected(0.0), rtol=1e-5)
-  with pytest.raises(ValueError, match="instance, square_root, class, progressive, reversed"):
-    S.scheme_probs("balanced_meta", COUNTS)
+def test_one_sampler_vocabulary():
+  from lt_jax.data import host_samplers, streaming
+  assert S.SAMPLERS == ("instance", "class_balanced", "sqrt", "progressive", "class_aware", "reversed")
+  assert streaming.SAMPLERS is S.SAMPLERS and host_samplers.SAMPLERS is S.SAMPLERS
+  assert not hasattr(S, "SAMPLING_SCHEMES") and not hasattr(S, "scheme_probs")
+  src = open(S.__file__).read()
+  assert all(f"* ``{name}``" in src for name in S.SAMPLERS)  # each one documented
+  with pytest.raises(ValueError, match=", ".join(S.SAMPLERS)):
+    host_samplers.HostSampler(np.zeros(4, np.int32), 1, 2, sampler="square_root")
 
 
 # ---------------------------------------------------------------- index
@@ -201,6 +204,47 @@ def test_class_aware_uniform_within_class():
   obs = np.bincount(np.searchsorted(members, idx[LABELS[idx] == 1]), minlength=len(members))
   assert obs.sum() == 10_000
   assert stats.chisquare(obs).pvalue > P_MIN
+
+
+def check_class_aware_passes(stream: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> int:
+  """Every pass over a class (its draws ``p n_c ... (p + 1) n_c - 1``) is a permutation of its examples.
+
+  Shared with tests/test_streaming.py (the host twin). Returns the number of complete passes checked.
+  """
+  y = labels[stream]
+  checked = 0
+  for c in np.flatnonzero(counts):
+    members, ex, n_c = np.flatnonzero(labels == c), stream[y == c], int(counts[c])
+    for p in range(len(ex) // n_c):
+      np.testing.assert_array_equal(np.sort(ex[p * n_c:(p + 1) * n_c]), members)
+      checked += 1
+    assert len(set(ex[(len(ex) // n_c) * n_c:])) == len(ex) % n_c  # the partial pass repeats nothing
+  return checked
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 9, 100, 1000, 4097])
+def test_within_class_permutation_is_a_permutation(n):
+  f = jax.jit(jax.vmap(S.within_class_permutation, in_axes=(None, 0, None)))
+  a = np.asarray(f(jax.random.key(0), jnp.arange(n), n))
+  np.testing.assert_array_equal(np.sort(a), np.arange(n))
+  if n >= 8:  # not the identity, and another key gives another order
+    assert not np.array_equal(a, np.arange(n))
+    assert not np.array_equal(a, np.asarray(f(jax.random.key(1), jnp.arange(n), n)))
+
+
+def test_class_aware_draws_without_replacement_within_each_pass():
+  """The reference's RandomCycleIter per class: each pass over a class draws every example once, reshuffled."""
+  key = jax.random.key(9)
+  n_ne, k = int((COUNTS > 0).sum()), 4
+  num = 100 * n_ne * k  # 400 draws per class: 1 pass of class 0, 2 of class 1, ..., 133 of class 8
+  whole = np.asarray(class_aware_jit(key, INDEX, num=num, k_per_class=k))
+  # The stream continued across calls (as the train step calls it) is the same stream.
+  parts = [class_aware_jit(key, INDEX, num=num // 8, k_per_class=k, start=jnp.int32(s * num // 8)) for s in range(8)]
+  np.testing.assert_array_equal(np.concatenate(parts), whole)
+  assert check_class_aware_passes(whole, LABELS, COUNTS) == sum(400 // n for n in COUNTS if n)
+  # Passes are reshuffled: class 6 (5 examples, 80 passes) does not repeat one order.
+  ex = whole[LABELS[whole] == 6].reshape(80, 5)
+  assert len({tuple(r) for r in ex}) > 40
 
 
 def test_class_aware_checks():

@@ -157,6 +157,23 @@ def test_class_aware_cycle_continues_across_batches(source):
       assert len(set(ex[start:start + n_c])) == n_c
 
 
+def test_host_and_device_class_aware_have_the_same_semantics():
+  """Both walk each class without replacement within a pass (the reference's RandomCycleIter)."""
+  from test_samplers import check_class_aware_passes  # tests/ is on sys.path (rootdir conftest)
+  counts = np.array([12, 7, 0, 3, 1, 5])
+  labels = np.random.default_rng(1).permutation(np.repeat(np.arange(6), counts)).astype(np.int32)
+  k, rounds = 3, 14  # 5 non-empty classes: 42 draws each
+  num = rounds * 5 * k
+  host = st.HostSampler(labels, 6, 15, sampler="class_aware", k_per_class=k, seed=3).stream(0, num)
+  device = np.asarray(samplers.class_aware_indices(jax.random.key(3), samplers.build_index(labels, 6), num, k))
+  for stream in (host, device):
+    y = labels[stream].reshape(rounds, 5, k)
+    assert np.all(y == y[:, :, :1])  # K consecutive draws per visit
+    for r in range(rounds):
+      np.testing.assert_array_equal(np.sort(y[r, :, 0]), [0, 1, 3, 4, 5])  # each class once per round
+    assert check_class_aware_passes(stream, labels, counts) == sum(42 // n for n in counts if n)
+
+
 @pytest.mark.parametrize("sampler", st.SAMPLERS)
 @pytest.mark.parametrize("num_processes", [2, 4])
 def test_union_over_processes_is_the_single_process_batch(fixture, source, sampler, num_processes):
@@ -290,8 +307,6 @@ def test_to_global_on_a_two_device_mesh(source):
 
 
 def test_smoke_configs_open_a_generated_fixture(tmp_path):
-  import sys
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import imagenet_lt, inat18  # pylint: disable=g-import-not-at-top
   full = imagenet_lt.get_config()
   assert (full.model.name, full.batch_size, full.num_epochs, full.optim.lr, full.optim.schedule,
@@ -316,8 +331,6 @@ def test_smoke_configs_open_a_generated_fixture(tmp_path):
 
 def test_streamed_training_resumes_exactly(tmp_path):
   """iNat18 smoke on the 2-device mesh: 4 steps straight == 2 steps, stop, resume to 4 (bitwise)."""
-  import sys
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import inat18  # pylint: disable=g-import-not-at-top
   from lt_jax.train.trainer import train_and_evaluate  # pylint: disable=g-import-not-at-top
 

@@ -13,9 +13,9 @@ import tensorflow_datasets as tfds
 from lt_jax.train import checkpoint, config as config_lib, optim
 from lt_jax.train.trainer import NonFiniteLossError, train_and_evaluate
 
+from configs import cifar_lt, fashion_mnist_lt  # installed (requirements.txt: -e .) or the cwd
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs import cifar_lt, fashion_mnist_lt  # noqa: E402
 
 MOCK_EXAMPLES = 400
 
@@ -103,8 +103,7 @@ def test_sigkill_mid_run_then_resume(mock_tfds, reference_run, tmp_path):
   ref = reference_run
   workdir = tmp_path / "killed"
   script = f"""
-import os, sys, signal
-sys.path.insert(0, {ROOT!r})
+import os, signal
 import jax
 jax.config.update("jax_num_cpu_devices", {len(jax.devices())})
 import tensorflow_datasets as tfds

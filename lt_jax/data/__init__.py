@@ -3,7 +3,9 @@
 * :mod:`lt_jax.data.prepare`  ``python -m lt_jax.data.prepare NAME`` or ``prepare.prepare(name)``
   (offline Fashion-MNIST, bounded-network CIFAR, manual ImageNet-LT); atomic, idempotent.
 * :mod:`lt_jax.data.sources`  ``load_arrays(name, split)`` -> (uint8 NHWC, int32);
-  ``imagenet_lt_dataset(split)`` (streaming); dataset specs and normalisation constants.
+  dataset specs and normalisation constants.
+* :mod:`lt_jax.data.streaming` host input pipeline for datasets streamed from disk
+  (ImageNet-LT, iNat18): sources, exact host samplers, transforms.
 * :mod:`lt_jax.data.longtail` ``lt_indices`` (reference CIFAR-LT selection),
   ``make_lt_dataset`` -> :class:`LTDataset`.
 * :mod:`lt_jax.data.augment`  ``random_crop_flip``, ``normalize`` (pure JAX, on device).
@@ -23,7 +25,7 @@ _EXPORTS = {
     "lt_indices": "longtail", "make_lt_dataset": "longtail",
     "DataUnavailableError": "prepare", "default_data_dir": "prepare",
     "DATASETS": "sources", "SPECS": "sources", "DatasetSpec": "sources", "get_spec": "sources",
-    "imagenet_lt_dataset": "sources", "load_arrays": "sources",
+    "load_arrays": "sources",
 }
 __all__ = sorted(_EXPORTS)
 

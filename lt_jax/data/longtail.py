@@ -148,7 +148,7 @@ def make_lt_dataset(name: str, imbalance_ratio: float, profile: str = "exp", see
   """
   if name not in LT_DATASETS:
     raise ValueError(f"unknown dataset {name!r} for make_lt_dataset; valid choices: {', '.join(LT_DATASETS)}"
-                     + (" (imagenet_lt is long-tailed already: use sources.imagenet_lt_dataset)"
+                     + (" (imagenet_lt is long-tailed already: stream it with lt_jax.data.streaming.TfdsSource)"
                         if name == "imagenet_lt" else ""))
   if profile not in priors.PROFILES:
     raise ValueError(f"unknown long-tail profile {profile!r}; valid profiles: {', '.join(priors.PROFILES)}")

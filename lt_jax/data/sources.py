@@ -178,7 +178,7 @@ def load_arrays(name: str, split: str, data_dir: str | os.PathLike | None = None
 
   Args:
     name: one of ``IN_MEMORY_DATASETS`` (``cifar10``, ``cifar100``, ``fashion_mnist``).
-      ``imagenet_lt`` is streamed instead: see :func:`imagenet_lt_dataset`.
+      ``imagenet_lt`` is streamed instead: see :class:`lt_jax.data.streaming.TfdsSource`.
     split: ``'train'`` or ``'test'``.
     data_dir: tfds data folder (default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
     cache: keep/read a decoded ``.npy`` copy in ``<data_dir>/lt_jax_cache``.
@@ -189,8 +189,8 @@ def load_arrays(name: str, split: str, data_dir: str | os.PathLike | None = None
   """
   spec = get_spec(name)
   if name not in IN_MEMORY_DATASETS:
-    raise ValueError(f"{name} is not loaded into memory (it is streamed): use imagenet_lt_dataset(split, "
-                     f"data_dir); in-memory datasets: {', '.join(IN_MEMORY_DATASETS)}")
+    raise ValueError(f"{name} is not loaded into memory (it is streamed): read it with "
+                     f"lt_jax.data.streaming.TfdsSource (configs/imagenet_lt.py); in-memory datasets: {', '.join(IN_MEMORY_DATASETS)}")
   if split not in spec.splits:
     raise ValueError(f"unknown split {split!r} for {name}; valid splits: {', '.join(spec.splits)}")
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -212,33 +212,3 @@ def load_arrays(name: str, split: str, data_dir: str | os.PathLike | None = None
     except OSError:
       pass  # read-only data_dir: caching is an optimisation only
   return images, labels
-
-
-def imagenet_lt_dataset(split: str, data_dir: str | os.PathLike | None = None, *,
-                        shuffle_files: bool = False, read_config=None):
-  """ImageNet-LT (Liu et al., OLTR, CVPR 2019) as a streaming ``tf.data.Dataset``.
-
-  Reads tfds ``imagenet_lt`` (train 115,846 / validation 20,000 = 20 per class /
-  test 50,000, 1000 classes) and yields ``(image uint8 (H, W, 3), label int32)``
-  with images decoded to RGB at their original, variable size; resizing, cropping and
-  batching belong to the host input pipeline. Not exercised by the tests here (the
-  data needs a manual ImageNet download, see ``prepare.IMAGENET_LT_INSTRUCTIONS``).
-
-  Raises ``DataUnavailableError`` if the build is missing, ``ValueError`` for a bad split.
-  """
-  spec = get_spec("imagenet_lt")
-  if split not in spec.splits:
-    raise ValueError(f"unknown split {split!r} for imagenet_lt; valid splits: {', '.join(spec.splits)}")
-  data_dir = resolve_data_dir(data_dir)
-  if not is_prepared(spec.tfds_name, data_dir):
-    raise DataUnavailableError(f"imagenet_lt is not prepared in {data_dir}.\n{_prepare.IMAGENET_LT_INSTRUCTIONS}")
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
-  ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=shuffle_files,
-                          read_config=read_config,
-                          decoders={"image": tfds.decode.SkipDecoding()})
-  def decode(img, y):
-    # decode_image, not decode_jpeg: a few ImageNet files are PNG/CMYK-encoded.
-    return tf.io.decode_image(img, channels=3, expand_animations=False), tf.cast(y, tf.int32)
-  return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)

@@ -3,27 +3,29 @@
 Small datasets live on device and each jitted step samples its own batch
 (:mod:`lt_jax.train.steps`). ImageNet-LT (115,846 JPEGs), Places-LT and iNaturalist-2018
 (437,513 JPEGs, 8,142 classes) cannot: their images are read, decoded and augmented on
-the host, and only the batch goes to the devices. This module does that in four parts.
+the host, and only the batch goes to the devices. Four parts, one module each; this
+module is the pipeline and re-exports the others' public names (``streaming.X`` works
+for all of them).
 
-1. **Sources** with random access: :class:`TfdsSource` (a tfds build read through
+1. **Sources** (:mod:`lt_jax.data.stream_sources`) with random access: :class:`TfdsSource` (a tfds build read through
    ``tfds.data_source``, ArrayRecord, no TensorFlow needed to read) and
    :class:`lt_jax.data.image_folder.ImageFolderSource` (an image folder plus an
    ImageNet-LT-style split list). Both expose ``len``, ``labels`` (read once),
    ``num_classes`` and ``load(i)`` returning encoded bytes or a decoded ``uint8`` image.
-2. **Which examples**: :class:`HostSampler` maps ``(seed, step)`` to the global batch's
+2. **Which examples** (:mod:`lt_jax.data.host_samplers`): :class:`HostSampler` maps ``(seed, step)`` to the global batch's
    example indices with the semantics of the on-device samplers
    (:func:`lt_jax.train.steps.batch_indices`, :mod:`lt_jax.samplers`), in NumPy: a pure
    function of the seed and the step, identical in every process. Process ``p`` of ``P``
    loads only rows ``[p B / P, (p + 1) B / P)``; the union over processes is the
    single-process batch, exactly, for every sampler (class-aware included: its class
    cycle is a function of the stream position ``step * B + row``).
-3. **Decode + augment** on the host (PIL in a thread pool; PIL releases the GIL while
+3. **Decode + augment** (:mod:`lt_jax.data.transforms`) on the host (PIL in a thread pool; PIL releases the GIL while
    decoding and resizing): ImageNet-style random-resized-crop + flip
    (:func:`random_resized_crop_box`), CIFAR-style pad-crop-flip, and the resize +
    centre-crop evaluation transform. Per-example randomness is seeded by
    ``(seed, step, global row)``, so a batch does not depend on the number of processes,
    threads, or on scheduling.
-4. **Delivery**: :meth:`StreamingPipeline.batch_at` is pure (deterministic from seed and
+4. **Delivery** (this module): :meth:`StreamingPipeline.batch_at` is pure (deterministic from seed and
    step), so the pipeline's position in a checkpoint is just the train step, and a resumed
    run sees exactly the batches an uninterrupted one would; :meth:`StreamingPipeline.iterate`
    prefetches ahead with the thread pool; :func:`to_global` assembles process-local
@@ -48,486 +50,37 @@ The ResNet-50 train step consumes 0.7-1.0 images/s here (batch 8), ResNet-20 at 
 thread pool keeps what matters for the sampler semantics (exact, per-process, resumable)
 in plain NumPy. PIL releases the GIL while it decodes and resizes; how far ``num_threads``
 scales on hosts with many cores was not measurable on this 2-core machine.
-
-JPEG draft decoding: before decoding a JPEG larger than needed, PIL's ``draft`` lets
-libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT scaling) when the crop still has at least
-the output size in pixels; the crop box is computed on the full-size geometry first,
-so the sampled crops are the same, and only the resampling source differs slightly
-(``draft=False`` turns it off).
+(JPEG draft decoding: :mod:`lt_jax.data.transforms`.)
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import functools
-import io
 import math
 import os
-import threading
-from typing import Any, Iterator, NamedTuple, Protocol, Sequence
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
-SAMPLERS = ("instance", "class_balanced", "sqrt", "progressive", "class_aware", "reversed")
-TRANSFORMS = ("random_resized_crop", "pad_crop", "center_crop", "resize")
-
-# Stream tags: independent random streams from one seed, SeedSequence([seed, tag, ...]).
-_TAG_EPOCH_PERM, _TAG_CLASS_DRAW, _TAG_ROUND, _TAG_CLASS_WALK, _TAG_AUG = 1, 2, 3, 4, 5
-
-
-def _rng(*words: int) -> np.random.Generator:
-  return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(w) for w in words])))
-
-
-def _permutation(seed: int, tag: int, a: int, b: int, n: int) -> np.ndarray:
-  """``permutation(n)`` of the stream ``(seed, tag, a, b)``, read-only."""
-  p = _rng(seed, tag, a, b).permutation(n)
-  p.setflags(write=False)
-  return p
-
-
-# Epoch permutations are large (N entries) and used for a whole epoch: keep two.
-# Class-aware rounds and per-class walks are small and revisited: keep many.
-_epoch_permutation = functools.lru_cache(maxsize=2)(_permutation)
-_small_permutation = functools.lru_cache(maxsize=8192)(_permutation)
-
-
-# ----------------------------------------------------------------------------------------
-# Sources.
-# ----------------------------------------------------------------------------------------
-
-class Source(Protocol):
-  """Random-access examples: ``len``, ``labels`` (N,) int32, ``num_classes``, ``load(i)``."""
-  labels: np.ndarray
-  num_classes: int
-
-  def __len__(self) -> int: ...
-
-  def load(self, i: int) -> bytes | np.ndarray: ...
-
-
-class TfdsSource:
-  """A tfds build read by index through ``tfds.data_source`` (ArrayRecord random access).
-
-  The image feature is read undecoded (``tfds.decode.SkipDecoding``): ``load(i)`` returns
-  the stored JPEG/PNG bytes and decoding happens in the pipeline's worker threads. Labels
-  are read once (one pass over the records, images not decoded) and kept in
-  ``<data_dir>/lt_jax_cache/<name>/<version>/<split>-labels.npy`` for the next run.
-  Reading needs no TensorFlow; the build must be in ``array_record`` format
-  (``download_and_prepare(file_format='array_record')``; TFRecord builds are read by
-  :func:`lt_jax.data.sources.imagenet_lt_dataset` instead). Each thread gets its own
-  reader.
-
-  Args:
-    name: tfds name (``'imagenet_lt'``, or a custom build such as the test fixture).
-    split: split name (``'train'``, ``'validation'``, ``'test'``).
-    data_dir: tfds data folder (default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
-    image_key, label_key: feature names.
-  """
-
-  def __init__(self, name: str, split: str, data_dir: str | os.PathLike | None = None, *,
-               image_key: str = "image", label_key: str = "label"):
-    from lt_jax.data.prepare import DataUnavailableError, resolve_data_dir  # pylint: disable=g-import-not-at-top
-    self.name, self.split, self.image_key, self.label_key = name, split, image_key, label_key
-    self.data_dir = resolve_data_dir(data_dir)
-    self._local = threading.local()
-    try:
-      ds = self._open()
-    except Exception as e:  # tfds raises assorted errors for a missing or TFRecord build
-      raise DataUnavailableError(
-          f"cannot read tfds {name!r} split {split!r} from {self.data_dir} with tfds.data_source "
-          f"(needs an array_record build): {type(e).__name__}: {e}") from e
-    self._local.ds = ds
-    self._len = len(ds)
-    info = ds.dataset_info
-    self.num_classes = int(info.features[label_key].num_classes)
-    self.labels = self._read_labels(ds, os.path.join(self.data_dir, "lt_jax_cache", name, str(info.version),
-                                                     f"{split}-labels.npy"))
-
-  def _open(self):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    return tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False,
-                            decoders={self.image_key: tfds.decode.SkipDecoding()})
-
-  def _read_labels(self, ds, cache: str) -> np.ndarray:
-    if os.path.isfile(cache):
-      labels = np.load(cache)
-      if labels.shape == (self._len,):
-        return labels
-    chunk = 4096
-    labels = np.empty((self._len,), np.int32)
-    for start in range(0, self._len, chunk):
-      rows = ds.__getitems__(list(range(start, min(start + chunk, self._len))))
-      labels[start:start + len(rows)] = [int(r[self.label_key]) for r in rows]
-    try:
-      os.makedirs(os.path.dirname(cache), exist_ok=True)
-      tmp = f"{cache}.{os.getpid()}.partial.npy"
-      np.save(tmp, labels)
-      os.replace(tmp, cache)
-    except OSError:
-      pass  # read-only data folder: the cache is an optimisation only
-    return labels
-
-  def __len__(self) -> int:
-    return self._len
-
-  def load(self, i: int) -> bytes:
-    ds = getattr(self._local, "ds", None)
-    if ds is None:
-      ds = self._local.ds = self._open()
-    return ds[int(i)][self.image_key]
-
-  def __repr__(self) -> str:
-    return f"TfdsSource({self.name!r}, {self.split!r}, {self._len} examples, {self.num_classes} classes)"
-
-
-# ----------------------------------------------------------------------------------------
-# Sampling on the host.
-# ----------------------------------------------------------------------------------------
-
-def class_probs(counts: np.ndarray, q: float) -> np.ndarray:
-  """``p_j = n_j^q / sum_i n_i^q`` over non-empty classes (NumPy twin of ``samplers.class_probs``).
-
-  Kang et al., ICLR 2020: ``q = 1`` instance, ``1/2`` square-root, ``0`` class-balanced.
-  Empty classes get 0 (they cannot be sampled), as in :mod:`lt_jax.samplers`.
-  """
-  c = np.asarray(counts, np.float64)
-  present = c > 0
-  if not present.any():
-    raise ValueError("class_probs: every class is empty")
-  w = np.where(present, (np.where(present, c, 1.0) / c.max()) ** q, 0.0)
-  return w / w.sum()
-
-
-def progressive_probs(counts: np.ndarray, t: float) -> np.ndarray:
-  """``p_j(t) = (1 - t) n_j / N + t / C`` (Kang et al., ICLR 2020), ``t`` clipped to [0, 1]."""
-  t = min(max(float(t), 0.0), 1.0)
-  return (1.0 - t) * class_probs(counts, 1.0) + t * class_probs(counts, 0.0)
-
-
-def reversed_probs(counts: np.ndarray) -> np.ndarray:
-  """BBN's reversed sampler ``p_j ∝ n_max / n_j`` over non-empty classes (Zhou et al., CVPR 2020)."""
-  return class_probs(counts, -1.0)
-
-
-class HostIndex(NamedTuple):
-  """Examples grouped by class (NumPy twin of :class:`lt_jax.samplers.SamplerIndex`)."""
-  order: np.ndarray    # (N,) example ids sorted stably by label
-  starts: np.ndarray   # (C,) offset of each class's block in ``order``
-  counts: np.ndarray   # (C,) examples per class
-  classes: np.ndarray  # (C_nonempty,) classes with at least one example
-
-
-def build_host_index(labels, num_classes: int) -> HostIndex:
-  """Groups ``labels`` by class (stable sort, once); labels outside ``[0, C)`` raise ``ValueError``."""
-  y = np.asarray(labels)
-  if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-    raise ValueError(f"labels must be a 1-D integer array, got shape {y.shape} dtype {y.dtype}")
-  if y.size == 0:
-    raise ValueError("labels is empty: nothing to sample")
-  if y.min() < 0 or y.max() >= num_classes:
-    raise ValueError(f"labels must lie in [0, {num_classes}), got range [{y.min()}, {y.max()}]")
-  order = np.argsort(y, kind="stable").astype(np.int64)
-  counts = np.bincount(y, minlength=num_classes).astype(np.int64)
-  return HostIndex(order, np.cumsum(counts) - counts, counts, np.flatnonzero(counts))
-
-
-class HostSampler:
-  """The global batch's example indices for any step: a pure function of ``(seed, step)``.
-
-  Same semantics as the on-device samplers (``lt_jax.train.steps.batch_indices``):
-
-  * ``instance``: shuffled epochs, drop-last. Epoch ``e`` is a fresh permutation of the
-    training set (stream ``(seed, e)``); step ``s`` takes positions
-    ``[(s mod S) B, (s mod S + 1) B)`` of epoch ``s // S``'s permutation (``S`` steps per epoch).
-  * ``class_balanced`` / ``sqrt`` / ``progressive`` / ``reversed``: i.i.d. two-stage draws,
-    ``y ~ Categorical(p)`` then an example uniform within class ``y``, with ``p`` from
-    :func:`class_probs` (``q = 0``, ``1/2``), :func:`progressive_probs` with
-    ``t = epoch / (T - 1)``, :func:`reversed_probs`; stream ``(seed, step)``.
-  * ``class_aware`` (Shen et al., ECCV 2016; classifier-balancing ``ClassAwareSampler``,
-    ``num_samples_cls = K``): one infinite stream over positions ``step * B + row``. Round
-    ``r`` visits every non-empty class once in a fresh random order (stream ``(seed, r)``),
-    ``K`` consecutive examples per visit; class ``c`` thus makes its ``j``-th draw at round
-    ``j // K``, and draw ``j`` is entry ``j mod n_c`` of the ``(j // n_c)``-th random
-    permutation of the class's examples (stream ``(seed, c, j // n_c)``): the reference's
-    per-class list walked without replacement and reshuffled after each pass, here
-    stateless. (The on-device twin draws within a class with replacement; the class
-    order and round structure are the same.)
-
-  The streams are NumPy ``PCG64`` generators seeded by ``SeedSequence([seed, tag, ...])``,
-  so every process computes the same global batch without communicating.
-
-  Args:
-    labels: ``(N,)`` int training labels (the source's, read once).
-    num_classes: ``C``.
-    batch_size: global batch size ``B``.
-    sampler: one of :data:`SAMPLERS`.
-    seed: the sampling seed.
-    num_epochs: ``T`` (progressive only).
-    steps_per_epoch: ``S`` (default ``N // B``).
-    k_per_class: ``K`` (class-aware only).
-    defer_epochs: deferred re-sampling (DRS, Cao et al., NeurIPS 2019): epochs before
-      this one use ``instance`` batches, later ones ``sampler`` (as the on-device step).
-  """
-
-  def __init__(self, labels, num_classes: int, batch_size: int, *, sampler: str = "instance", seed: int = 0,
-               num_epochs: int = 1, steps_per_epoch: int | None = None, k_per_class: int = 4,
-               defer_epochs: int = 0):
-    if sampler not in SAMPLERS:
-      raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
-    self.index = build_host_index(labels, num_classes)
-    n = len(self.index.order)
-    if batch_size < 1 or (sampler == "instance" and batch_size > n):
-      raise ValueError(f"batch_size must be in [1, {n}] (the training set size), got {batch_size}")
-    if k_per_class < 1:
-      raise ValueError(f"k_per_class must be >= 1, got {k_per_class}")
-    self.num_examples, self.num_classes, self.batch_size = n, num_classes, int(batch_size)
-    self.sampler, self.seed, self.num_epochs, self.k_per_class = sampler, int(seed), int(num_epochs), int(k_per_class)
-    self.defer_epochs = int(defer_epochs)
-    self.steps_per_epoch = int(steps_per_epoch or n // batch_size)
-    if self.steps_per_epoch < 1:
-      raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
-    if self.steps_per_epoch * batch_size > n and (sampler == "instance" or self.defer_epochs > 0):
-      raise ValueError(f"instance sampling: steps_per_epoch * batch_size = {self.steps_per_epoch * batch_size} "
-                       f"exceeds the {n} examples of an epoch")
-
-  def probs(self, step: int) -> np.ndarray:
-    """The class distribution of the i.i.d. samplers at ``step``."""
-    counts = self.index.counts
-    if self.sampler == "class_balanced":
-      return class_probs(counts, 0.0)
-    if self.sampler == "sqrt":
-      return class_probs(counts, 0.5)
-    if self.sampler == "progressive":
-      return progressive_probs(counts, (step // self.steps_per_epoch) / max(self.num_epochs - 1, 1))
-    if self.sampler == "reversed":
-      return reversed_probs(counts)
-    raise ValueError(f"sampler {self.sampler!r} has no per-step class distribution")
-
-  def indices(self, step: int) -> np.ndarray:
-    """``(B,)`` int64 example indices of the global batch of ``step``."""
-    step = int(step)
-    if step < 0:
-      raise ValueError(f"step must be >= 0, got {step}")
-    if self.sampler == "instance" or step // self.steps_per_epoch < self.defer_epochs:
-      epoch, pos = divmod(step, self.steps_per_epoch)
-      perm = _epoch_permutation(self.seed, _TAG_EPOCH_PERM, epoch, 0, self.num_examples)
-      return perm[pos * self.batch_size:(pos + 1) * self.batch_size].astype(np.int64)
-    if self.sampler == "class_aware":
-      return self.stream(step * self.batch_size, self.batch_size)
-    p = self.probs(step)
-    rng = _rng(self.seed, _TAG_CLASS_DRAW, step)
-    cdf = np.cumsum(p)
-    cls = np.searchsorted(cdf, rng.random(self.batch_size) * cdf[-1], side="right")
-    cls = np.minimum(cls, np.flatnonzero(p > 0)[-1])  # rounding never yields an empty class
-    offset = np.floor(rng.random(self.batch_size) * self.index.counts[cls]).astype(np.int64)
-    return self.index.order[self.index.starts[cls] + offset]
-
-  def stream(self, start: int, num: int) -> np.ndarray:
-    """Class-aware stream positions ``[start, start + num)`` (see the class docstring)."""
-    classes, counts = self.index.classes, self.index.counts
-    k = self.k_per_class
-    round_len = len(classes) * k
-    pos = np.arange(start, start + num, dtype=np.int64)
-    rounds, slot = np.divmod(pos, round_len)
-    out = np.empty(num, np.int64)
-    for i, (r, s) in enumerate(zip(rounds.tolist(), slot.tolist())):
-      c = int(classes[_small_permutation(self.seed, _TAG_ROUND, r, 0, len(classes))[s // k]])
-      j = r * k + s % k                      # class c's draw number
-      n_c = int(counts[c])
-      p, within = divmod(j, n_c)          # pass p over the class's examples, position within it
-      walk = _small_permutation(self.seed, _TAG_CLASS_WALK, c, p, n_c)
-      out[i] = self.index.order[self.index.starts[c] + walk[within]]
-    return out
-
-
-def process_rows(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
-  """Rows ``[p B / P, (p + 1) B / P)`` of the global batch that process ``p`` of ``P`` loads."""
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
-  if batch_size % process_count:
-    raise ValueError(f"global batch size {batch_size} is not divisible by the {process_count} processes")
-  per = batch_size // process_count
-  return process_index * per, (process_index + 1) * per
-
-
-def sharding_rows(sharding, batch_size: int) -> tuple[int, int]:
-  """The contiguous rows of a ``(B, ...)`` batch that this process's devices hold under ``sharding``.
-
-  For the trainer's ``NamedSharding(Mesh(jax.devices(), ('data',)), P('data'))`` this is
-  :func:`process_rows` with ``jax.process_index()``; raises ``ValueError`` if the local
-  rows are not one contiguous block (a mesh that interleaves processes).
-  """
-  idx = sharding.addressable_devices_indices_map((batch_size,))
-  spans = sorted({(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop) for s in idx.values()})
-  lo, hi = spans[0][0], spans[-1][1]
-  if sum(b - a for a, b in spans) != hi - lo:
-    raise ValueError(f"this process's rows {spans} are not contiguous under {sharding}")
-  return lo, hi
-
-
-# ----------------------------------------------------------------------------------------
-# Decode + augmentation (PIL, per example).
-# ----------------------------------------------------------------------------------------
-
-class Transform(NamedTuple):
-  """Host image transform, one of :data:`TRANSFORMS`, output ``(size, size, 3)`` uint8.
-
-  * ``random_resized_crop``: torchvision ``RandomResizedCrop(size, scale, ratio)``
-    (:func:`random_resized_crop_box`, bilinear) + ``RandomHorizontalFlip`` if ``flip``;
-    the ImageNet-LT / iNat training recipe (classifier-balancing, Kang et al. 2020).
-  * ``pad_crop``: resize to ``size`` if needed, zero-pad ``pad`` per side, random
-    ``size x size`` crop, flip (the CIFAR recipe, as :func:`lt_jax.data.augment.random_crop_flip`).
-  * ``center_crop``: ``Resize(round(size / crop_fraction))`` of the shorter side, then
-    ``CenterCrop(size)`` (evaluation; 256 -> 224 at the default 0.875).
-  * ``resize``: plain ``size x size`` bilinear resize (evaluation of small images).
-  """
-  kind: str = "random_resized_crop"
-  size: int = 224
-  scale: tuple[float, float] = (0.08, 1.0)
-  ratio: tuple[float, float] = (3 / 4, 4 / 3)
-  flip: bool = True
-  pad: int = 4
-  crop_fraction: float = 0.875
-  draft: bool = True
-
-  def validate(self) -> "Transform":
-    if self.kind not in TRANSFORMS:
-      raise ValueError(f"unknown transform {self.kind!r}; valid transforms: {', '.join(TRANSFORMS)}")
-    if self.size < 1 or self.pad < 0 or not 0 < self.crop_fraction <= 1:
-      raise ValueError(f"bad transform geometry: size={self.size}, pad={self.pad}, "
-                       f"crop_fraction={self.crop_fraction} (need size >= 1, pad >= 0, 0 < crop_fraction <= 1)")
-    if not (0 < self.scale[0] <= self.scale[1] <= 1 and 0 < self.ratio[0] <= self.ratio[1]):
-      raise ValueError(f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], "
-                       f"got scale={self.scale}, ratio={self.ratio}")
-    return self
-
-  @property
-  def train(self) -> bool:
-    return self.kind in ("random_resized_crop", "pad_crop")
-
-
-def random_resized_crop_box(rng: np.random.Generator, width: int, height: int,
-                            scale: Sequence[float] = (0.08, 1.0),
-                            ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-  """Crop box ``(x0, y0, w, h)`` of torchvision's ``RandomResizedCrop.get_params``.
-
-  Szegedy et al., "Going deeper with convolutions", CVPR 2015 (Inception crops), as in
-  torchvision: up to 10 attempts of ``area = W H U(scale)``, ``log aspect ~
-  U(log ratio)``, ``w = round(sqrt(area aspect))``, ``h = round(sqrt(area / aspect))``,
-  accepted when ``0 < w <= W`` and ``0 < h <= H``, at ``x0 ~ U{0..W-w}``, ``y0 ~ U{0..H-h}``.
-  Otherwise the fallback is the central crop of the whole image with its aspect clamped to
-  ``ratio`` (``W/H < ratio[0]``: ``w = W, h = round(W / ratio[0])``; ``> ratio[1]``:
-  ``h = H, w = round(H ratio[1])``).
-  """
-  area = width * height
-  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-  for _ in range(10):
-    target = area * rng.uniform(scale[0], scale[1])
-    aspect = math.exp(rng.uniform(log_lo, log_hi))
-    w = int(round(math.sqrt(target * aspect)))
-    h = int(round(math.sqrt(target / aspect)))
-    if 0 < w <= width and 0 < h <= height:
-      return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
-  in_ratio = width / height
-  if in_ratio < ratio[0]:
-    w, h = width, int(round(width / ratio[0]))
-  elif in_ratio > ratio[1]:
-    h, w = height, int(round(height * ratio[1]))
-  else:
-    w, h = width, height
-  return (width - w) // 2, (height - h) // 2, w, h
-
-
-def center_crop_box(width: int, height: int, size: int, crop_fraction: float) -> tuple[float, float, float, float]:
-  """``Resize(round(size / crop_fraction))`` (shorter side) + ``CenterCrop(size)`` as one source box.
-
-  Returns ``(x0, y0, w, h)`` in source pixels: the region that lands in the output, so a
-  single resize of that box equals torchvision's resize-then-crop up to resampling.
-  """
-  short = int(round(size / crop_fraction))
-  s = short / min(width, height)  # resize factor
-  w = h = size / s
-  return (width - w) / 2, (height - h) / 2, w, h
-
-
-def _open_image(data: bytes | np.ndarray):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  if isinstance(data, np.ndarray):
-    return Image.fromarray(data.squeeze(-1) if data.ndim == 3 and data.shape[-1] == 1 else data)
-  return Image.open(io.BytesIO(data))
-
-
-def _resized_box(img, box: tuple[float, float, float, float], size: int, draft: bool) -> np.ndarray:
-  """Bilinear resize of ``box = (x0, y0, w, h)`` of ``img`` to ``size x size`` RGB (JPEG draft aware)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  x0, y0, w, h = box
-  W, H = img.size
-  if draft and img.format == "JPEG" and min(w, h) > 2 * size:
-    # Decode at the smallest DCT scale that keeps >= size pixels across the crop.
-    img.draft("RGB", (math.ceil(W * size / w), math.ceil(H * size / h)))
-    sx, sy = img.size[0] / W, img.size[1] / H
-    x0, y0, w, h = x0 * sx, y0 * sy, w * sx, h * sy
-  if img.mode != "RGB":
-    img = img.convert("RGB")
-  out = img.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
-  return np.asarray(out, np.uint8)
-
-
-class Plan(NamedTuple):
-  """The random geometry of one example, drawn before decoding (from the header's size)."""
-  box: tuple[float, float, float, float]  # (x0, y0, w, h) source region resized to size x size
-  dy: int                                  # pad_crop offsets into the padded image
-  dx: int
-  flip: bool
-
-
-def image_size(data: bytes | np.ndarray) -> tuple[int, int]:
-  """``(width, height)`` of encoded bytes (header only) or of a decoded ``(H, W[, C])`` array."""
-  if isinstance(data, np.ndarray):
-    return int(data.shape[1]), int(data.shape[0])
-  return _open_image(data).size
-
-
-def plan_transform(size_wh: tuple[int, int], t: Transform, rng: np.random.Generator | None) -> Plan:
-  """Draws the crop box, pad offsets and flip of ``t`` for an image of ``size_wh`` from ``rng``.
-
-  Draw order: the random-resized-crop box (:func:`random_resized_crop_box`), then the
-  pad-crop offsets ``(dy, dx) ~ U{0..2 pad}^2``, then the flip (``U(0, 1) < 1/2``).
-  """
-  W, H = size_wh
-  dy = dx = 0
-  if t.kind == "random_resized_crop":
-    box = random_resized_crop_box(rng, W, H, t.scale, t.ratio)
-  elif t.kind == "center_crop":
-    box = center_crop_box(W, H, t.size, t.crop_fraction)
-  else:
-    box = (0, 0, W, H)
-  if t.kind == "pad_crop" and t.pad:
-    dy, dx = (int(v) for v in rng.integers(0, 2 * t.pad + 1, size=2))
-  flip = bool(t.train and t.flip and rng.random() < 0.5)
-  return Plan(tuple(float(v) for v in box), dy, dx, flip)
-
-
-def apply_transform(data: bytes | np.ndarray, t: Transform, rng: np.random.Generator | None) -> np.ndarray:
-  """Decodes ``data`` (encoded bytes or a ``uint8`` image) and applies ``t`` with PIL: ``(size, size, 3)`` uint8."""
-  img = _open_image(data)
-  p = plan_transform(img.size, t, rng)
-  if t.kind == "pad_crop" and img.size == (t.size, t.size):
-    out = np.asarray(img.convert("RGB"), np.uint8)
-  else:
-    out = _resized_box(img, p.box, t.size, t.draft and t.kind != "pad_crop")
-  if t.kind == "pad_crop" and t.pad:
-    out = np.pad(out, ((t.pad, t.pad), (t.pad, t.pad), (0, 0)))[p.dy:p.dy + t.size, p.dx:p.dx + t.size]
-  if p.flip:
-    out = out[:, ::-1]
-  return np.ascontiguousarray(out)
+# Re-exports: every name of the split-out modules stays reachable as ``streaming.X``.
+from lt_jax.data.host_samplers import (  # noqa: F401
+    _TAG_AUG, _TAG_CLASS_DRAW, _TAG_CLASS_WALK, _TAG_EPOCH_PERM, _TAG_ROUND, HostIndex, HostSampler,
+    _epoch_permutation, _permutation, _rng, _small_permutation, build_host_index, class_probs, process_rows,
+    progressive_probs, reversed_probs, sharding_rows)
+from lt_jax.data.stream_sources import STREAM_SOURCES, Source, TfdsSource, open_sources  # noqa: F401
+from lt_jax.data.transforms import (  # noqa: F401
+    TRANSFORMS, Plan, Transform, _open_image, _resized_box, apply_transform, center_crop_box, image_size,
+    plan_transform, random_resized_crop_box, transforms_from_config)
+from lt_jax.samplers import SAMPLERS  # noqa: F401  (the one sampler vocabulary)
 
 
 # ----------------------------------------------------------------------------------------
 # The pipeline.
+
+
 # ----------------------------------------------------------------------------------------
+
 
 class Batch(NamedTuple):
   """This process's rows of a global batch (``mask`` is False on evaluation padding)."""
@@ -674,47 +227,9 @@ def default_rows(batch_size: int) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------------------
 # From a run config (configs/imagenet_lt.py, configs/inat18.py).
+
+
 # ----------------------------------------------------------------------------------------
-
-STREAM_SOURCES = ("tfds", "folder", "fixture")
-
-
-def open_sources(d, workdir: str | None = None) -> tuple[Source, Source]:
-  """``(train, test)`` sources of a streaming ``config.dataset`` (``d.source`` in :data:`STREAM_SOURCES`).
-
-  * ``tfds``: :class:`TfdsSource` of ``d.tfds_name`` splits ``d.train_split`` / ``d.test_split``
-    in ``d.data_dir`` (an ``array_record`` build);
-  * ``folder``: :class:`~lt_jax.data.image_folder.ImageFolderSource` of ``d.root`` with the
-    split lists ``d.train_split`` / ``d.test_split`` (e.g. ``ImageNet_LT_train.txt``);
-  * ``fixture``: a generated long-tailed JPEG folder (``d.fixture`` settings) written to
-    ``d.root`` or, if empty, ``<workdir>/fixture`` (for ``smoke`` configs).
-  """
-  from lt_jax.data import image_folder as imf  # pylint: disable=g-import-not-at-top
-  if d.source not in STREAM_SOURCES:
-    raise ValueError(f"unknown dataset.source {d.source!r}; valid streaming sources: {', '.join(STREAM_SOURCES)}")
-  if d.source == "tfds":
-    return (TfdsSource(d.tfds_name, d.train_split, d.data_dir or None),
-            TfdsSource(d.tfds_name, d.test_split, d.data_dir or None))
-  if d.source == "fixture":
-    root = d.root or os.path.join(workdir or ".", "fixture")
-    f = d.fixture
-    fx = imf.make_fixture(root, num_classes=f.num_classes, max_per_class=f.max_per_class,
-                          imbalance_ratio=f.imbalance_ratio, test_per_class=f.test_per_class, size=f.size,
-                          seed=f.seed)
-    return imf.ImageFolderSource(fx.root, fx.train_split), imf.ImageFolderSource(fx.root, fx.test_split)
-  if not d.root:
-    raise ValueError("dataset.source='folder' needs dataset.root, the folder the split files' paths start from")
-  train = imf.ImageFolderSource(d.root, d.train_split, d.num_classes or None)
-  return train, imf.ImageFolderSource(d.root, d.test_split, train.num_classes)
-
-
-def transforms_from_config(c) -> tuple[Transform, Transform]:
-  """``(train, eval)`` transforms from ``config.input`` and ``config.dataset.image_size``."""
-  i, size = c.input, int(c.dataset.image_size)
-  train = Transform(i.train_transform, size, scale=(float(i.min_scale), 1.0), flip=bool(c.augment.flip),
-                    pad=int(c.augment.crop_pad), draft=bool(i.jpeg_draft))
-  test = Transform(i.eval_transform, size, crop_fraction=float(i.crop_fraction), draft=bool(i.jpeg_draft))
-  return train.validate(), test.validate()
 
 
 def add_streaming_fields(c, *, name: str, tfds_name: str, num_classes: int, train_split: str, test_split: str,

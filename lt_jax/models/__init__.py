@@ -18,7 +18,7 @@ resnext50      ResNeXt-50 32x4d                             224x224x3    2048
 
 Common keyword arguments: ``num_classes``, ``head`` ('linear' | 'cosine' | 'lws'),
 ``cosine_scale``, ``head_bias``, ``dtype`` ('float32' | 'bfloat16'), ``conv_impl``
-('auto' | 'xla' | 'im2col'), ``bn_impl`` ('fused' | 'flax'). Training steps on CPU should
+('auto' | 'xla'), ``bn_impl`` ('auto' | 'fused' | 'flax'; 'auto' is fused on CPU, flax elsewhere). Training steps on CPU should
 be jitted with ``compiler_options=cpu_compiler_options()`` (see
 :mod:`lt_jax.models.layers`).
 """
@@ -29,7 +29,7 @@ from typing import Any
 
 from lt_jax.models.cnn import SmallCNN
 from lt_jax.models.layers import (BN_IMPLS, CONV_IMPLS, HEADS, BatchNorm, Conv, conv2d,
-                                  cpu_compiler_options, resolve_conv_impl)
+                                  cpu_compiler_options, resolve_bn_impl, resolve_conv_impl)
 from lt_jax.models.resnet import ResNet
 from lt_jax.models.resnet_cifar import CifarResNet, option_a_shortcut, param_count_cifar_resnet
 
@@ -44,7 +44,7 @@ def get_model(name: str, num_classes: int = 10, head: str = "linear", **kw: Any)
   Keyword arguments go to the module (``cosine_scale``, ``head_bias``, ``dtype``,
   ``conv_impl``, ``bn_impl``; ``bbn`` for the CIFAR ResNets; ``zero_init_residual`` for
   resnet50/resnext50; ``widths``/``feature_dim`` for the CNN). ``conv_impl='auto'`` is
-  resolved here with ``jax.default_backend()``. Unknown names, heads, or keywords the
+  resolved here with ``jax.default_backend()``; ``bn_impl='auto'`` when the model is traced. Unknown names, heads, or keywords the
   model does not take raise ``ValueError`` naming the valid choices.
   """
   if name not in MODELS:
@@ -70,5 +70,5 @@ def get_model(name: str, num_classes: int = 10, head: str = "linear", **kw: Any)
 
 
 __all__ = ["MODELS", "HEADS", "CONV_IMPLS", "BN_IMPLS", "get_model", "CifarResNet", "SmallCNN",
-           "ResNet", "Conv", "BatchNorm", "conv2d", "cpu_compiler_options", "option_a_shortcut",
+           "ResNet", "Conv", "BatchNorm", "conv2d", "cpu_compiler_options", "resolve_bn_impl", "option_a_shortcut",
            "param_count_cifar_resnet"]

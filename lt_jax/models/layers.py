@@ -1,23 +1,16 @@
 """Shared building blocks of the lt_jax backbones: convolution, BatchNorm, heads, CPU options.
 
-Convolution implementations (``conv_impl``):
+Convolution (``conv_impl``): ``'xla'`` is ``jax.lax.conv_general_dilated`` (NHWC /
+HWIO) with XLA's own transposed convolutions for both gradients; ``'auto'`` (default)
+resolves to the fastest implementation measured per backend (:func:`resolve_conv_impl`),
+today ``'xla'`` everywhere. (An im2col weight-gradient path, one matmul per kernel tap,
+was measured 1.5-3x slower than XLA's conv-backprop-filter on the 2-core CPU in every
+formulation tried once YNNPACK is kept off convolutions, and was removed.)
 
-* ``'xla'``: ``jax.lax.conv_general_dilated`` (NHWC / HWIO) for the forward pass and
-  XLA's own transposed convolutions for both gradients.
-* ``'im2col'``: the same forward pass and input gradient, but a ``jax.custom_vjp``
-  whose *weight* gradient is computed as im2col matmuls,
-  ``dW[i, j] = sum_{b,h,w} x_pad[b, s*h + i, s*w + j, :]^T dy[b, h, w, :]``,
-  one ``dot_general`` per kernel tap (9 for a 3x3 kernel) instead of XLA's
-  conv-backprop-filter. Same values as ``'xla'`` to float32 round-off (tested).
-* ``'auto'`` (default): the fastest implementation measured per backend
-  (:func:`resolve_conv_impl`); currently ``'xla'`` on every backend, because on the
-  2-core CPU of this project every im2col formulation we measured (9 shifted matmuls
-  with transposed inputs or transposed/shifted ``dy``, transposed "flat" patches with one
-  matmul built by concat / dynamic-update-slice / gather, batch-chunked ``lax.scan``
-  variants, depthwise-conv patches) was slower than XLA's own weight gradient, by
-  1.5-3x, once XLA:CPU is told not to route convolutions through YNNPACK (see
-  :func:`cpu_compiler_options`): XLA:CPU's slices/concats/transposes of activations cost
-  more than the matmuls save. ``bench/train_step.py`` re-measures this (``im2col/opt``).
+BatchNorm (``bn_impl``): ``'fused'`` is :class:`BatchNorm` (hand-written backward),
+``'flax'`` is ``flax.linen.BatchNorm``; ``'auto'`` (default) resolves with
+``jax.default_backend()`` when the module is traced (:func:`resolve_bn_impl`): ``'fused'``
+on CPU, where it was measured faster (bench/train_step.py), ``'flax'`` elsewhere.
 
 Why XLA:CPU was slow (measured, jax 0.10.2, ResNet-32 batch 128): by default XLA:CPU
 hands convolutions to YNNPACK ("ynn_fusion"); its conv-backprop-filter takes 24-27 ms
@@ -32,7 +25,7 @@ from 1.16 s to 0.56 s on this machine (PyTorch 2.13 CPU: 0.47 s); see bench/trai
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +37,8 @@ from lt_jax import heads as lt_heads
 Array = jax.Array
 Dtype = Any
 
-CONV_IMPLS = ("auto", "xla", "im2col")
-BN_IMPLS = ("fused", "flax")
+CONV_IMPLS = ("auto", "xla")
+BN_IMPLS = ("auto", "fused", "flax")
 HEADS = ("linear", "cosine", "lws")
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -107,9 +100,8 @@ def resolve_dtype(dtype: Any) -> Dtype:
   return valid[name]
 
 
-# Fastest measured implementation per backend. CPU: 'im2col' was slower than 'xla' with
-# cpu_compiler_options() in every variant tried (module docstring; bench/train_step.py);
-# GPU/TPU: XLA's native convolutions (cuDNN / TPU convolution units).
+# Fastest measured implementation per backend: XLA's native convolutions (Eigen on CPU
+# with cpu_compiler_options(), cuDNN, TPU convolution units); module docstring.
 _FASTEST_CONV_IMPL = {"cpu": "xla", "gpu": "xla", "cuda": "xla", "rocm": "xla", "tpu": "xla"}
 
 
@@ -141,56 +133,6 @@ def _xla_conv(x: Array, w: Array, stride: int, padding: int, groups: int) -> Arr
       dimension_numbers=_DN, feature_group_count=groups)
 
 
-def conv_weight_grad_im2col(x: Array, dy: Array, kernel_shape: Sequence[int], stride: int,
-                            padding: int, groups: int) -> Array:
-  """Weight gradient of a NHWC/HWIO convolution as one matmul per kernel tap.
-
-  ``dW[i, j, c, o] = sum_{b,h,w} x_pad[b, s*h + i, s*w + j, c] * dy[b, h, w, o]``
-  (the im2col formulation of conv-backprop-filter: the tap-(i, j) slice of the padded
-  input, strided by ``s``, is the im2col column block of that tap). With ``groups`` the
-  sum runs over the channels of each group (a batched ``dot_general`` over groups).
-  Products are accumulated in float32; the result has ``kernel_shape`` and ``x.dtype``.
-  """
-  kh, kw, cin_g, cout = kernel_shape
-  b, ho, wo, _ = dy.shape
-  cout_g = cout // groups
-  if padding:
-    x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  n = b * ho * wo
-  d2 = dy.reshape(n, groups, cout_g)
-  taps = []
-  for i in range(kh):
-    for j in range(kw):
-      xs = lax.slice(x, (0, i, j, 0),
-                     (b, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, x.shape[-1]),
-                     (1, stride, stride, 1))
-      xs = xs.reshape(n, groups, cin_g)
-      # (n, g, c) x (n, g, o) -> (g, c, o): contract the pixel axis, batch the groups.
-      t = lax.dot_general(xs, d2, (((0,), (0,)), ((1,), (1,))), preferred_element_type=jnp.float32)
-      taps.append(jnp.transpose(t, (1, 0, 2)).reshape(cin_g, cout))
-  return jnp.stack(taps).reshape(kh, kw, cin_g, cout).astype(x.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _im2col_conv(x: Array, w: Array, stride: int, padding: int, groups: int) -> Array:
-  return _xla_conv(x, w, stride, padding, groups)
-
-
-def _im2col_conv_fwd(x, w, stride, padding, groups):
-  return _xla_conv(x, w, stride, padding, groups), (x, w)
-
-
-def _im2col_conv_bwd(stride, padding, groups, res, dy):
-  x, w = res
-  _, x_vjp = jax.vjp(lambda x_: _xla_conv(x_, w, stride, padding, groups), x)
-  (dx,) = x_vjp(dy)
-  dw = conv_weight_grad_im2col(x, dy, w.shape, stride, padding, groups)
-  return dx, dw.astype(w.dtype)
-
-
-_im2col_conv.defvjp(_im2col_conv_fwd, _im2col_conv_bwd)
-
-
 def conv2d(x: Array, w: Array, stride: int = 1, padding: int = 0, groups: int = 1,
            impl: str = "xla") -> Array:
   """2-D cross-correlation, NHWC input, HWIO kernel, symmetric zero ``padding``.
@@ -198,18 +140,16 @@ def conv2d(x: Array, w: Array, stride: int = 1, padding: int = 0, groups: int = 
   ``y[b, h, w, o] = sum_{i,j,c} x_pad[b, s*h + i, s*w + j, c] * W[i, j, c, o]``
   (PyTorch ``nn.Conv2d(padding=p, stride=s, groups=g, bias=False)`` semantics, also for
   even inputs with stride 2, where XLA's ``'SAME'`` would pad asymmetrically).
-  ``impl``: ``'xla'`` or ``'im2col'`` (module docstring); identical forward values and
-  input gradients, weight gradients equal to float32 round-off.
+  ``impl``: ``'xla'`` (the only implementation; ``'auto'`` is resolved by
+  :func:`resolve_conv_impl` before this is called).
   """
   if impl == "xla":
     return _xla_conv(x, w, stride, padding, groups)
-  if impl == "im2col":
-    return _im2col_conv(x, w, stride, padding, groups)
-  raise ValueError(f"impl must be one of ('xla', 'im2col'), got {impl!r}")
+  raise ValueError(f"impl must be one of ('xla',), got {impl!r}")
 
 
 class Conv(nn.Module):
-  """Bias-free 2-D convolution (NHWC) with a selectable weight-gradient implementation.
+  """Bias-free 2-D convolution (NHWC), ``conv_impl`` as in :func:`conv2d`.
 
   Parameter ``kernel`` ``(kh, kw, C_in / groups, features)`` float32, Kaiming-normal
   (fan_in) by default. Computes in ``dtype`` (input and kernel cast), returns ``dtype``.
@@ -330,14 +270,38 @@ class BatchNorm(nn.Module):
     return y.astype(self.dtype)
 
 
-def batch_norm(train: bool, dtype: Dtype, name: str | None = None, bn_impl: str = "fused",
+# Fastest measured BatchNorm per backend: the hand-written backward on CPU (ResNet-32 step
+# 1.16 s -> 0.56 s together with cpu_compiler_options(); bench/train_step.py), flax's
+# (XLA fuses it well) on GPU/TPU, where the fused variant was not measured faster.
+_FASTEST_BN_IMPL = {"cpu": "fused"}
+
+
+def resolve_bn_impl(bn_impl: str, backend: str | None = None) -> str:
+  """``'auto'`` -> ``'fused'`` on CPU, ``'flax'`` on any other backend; others unchanged.
+
+  ``backend=None`` means ``jax.default_backend()``, queried when called: the modules call
+  this from ``__call__`` (trace time), so building a model does not initialise JAX's
+  backends. Unknown names raise ``ValueError`` listing :data:`BN_IMPLS`.
+  """
+  if bn_impl not in BN_IMPLS:
+    raise ValueError(f"bn_impl must be one of {BN_IMPLS}, got {bn_impl!r}")
+  if bn_impl != "auto":
+    return bn_impl
+  backend = jax.default_backend() if backend is None else backend
+  return _FASTEST_BN_IMPL.get(backend, "flax")
+
+
+def batch_norm(train: bool, dtype: Dtype, name: str | None = None, bn_impl: str = "auto",
                scale_init: Callable[..., Array] = nn.initializers.ones_init()) -> nn.Module:
   """BatchNorm with PyTorch's defaults (momentum 0.1 there = 0.9 here, eps 1e-5).
 
+  Ioffe & Szegedy, ICML 2015: ``y = gamma (x - mu_B) / sqrt(var_B + eps) + beta``.
   ``bn_impl='fused'``: :class:`BatchNorm` (hand-written backward, faster on CPU);
-  ``'flax'``: ``flax.linen.BatchNorm``. Both keep ``params/{scale,bias}`` and
-  ``batch_stats/{mean,var}`` and compute statistics in float32.
+  ``'flax'``: ``flax.linen.BatchNorm``; ``'auto'``: :func:`resolve_bn_impl` (fused on
+  CPU, flax elsewhere). Both keep ``params/{scale,bias}`` and ``batch_stats/{mean,var}``
+  and compute statistics in float32.
   """
+  bn_impl = resolve_bn_impl(bn_impl)
   if bn_impl == "fused":
     return BatchNorm(not train, 0.9, 1e-5, dtype, scale_init, name=name)
   if bn_impl == "flax":
@@ -382,7 +346,7 @@ class Backbone(nn.Module):
   head_bias: bool = True
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
-  bn_impl: str = "fused"
+  bn_impl: str = "auto"
 
   def head_module(self) -> nn.Module:
     return make_head(self.head, self.num_classes, self.cosine_scale, self.head_bias)

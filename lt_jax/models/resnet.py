@@ -45,7 +45,7 @@ class Bottleneck(nn.Module):
   width_per_group: int = 64
   zero_init_residual: bool = False
   conv_impl: str = "xla"
-  bn_impl: str = "fused"
+  bn_impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact

@@ -69,7 +69,7 @@ class BasicBlock(nn.Module):
   planes: int
   stride: int = 1
   conv_impl: str = "xla"
-  bn_impl: str = "fused"
+  bn_impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -94,8 +94,9 @@ class CifarResNet(Backbone):
     head_bias: bias of the linear / LWS head.
     dtype: compute dtype of convs and BN (``'float32'`` or ``'bfloat16'``); params, BN
       statistics, features and logits stay float32.
-    conv_impl: ``'auto'`` | ``'xla'`` | ``'im2col'`` (:mod:`lt_jax.models.layers`).
-    bn_impl: ``'fused'`` (hand-written BN backward, default) | ``'flax'`` (``nn.BatchNorm``).
+    conv_impl: ``'auto'`` | ``'xla'`` (:mod:`lt_jax.models.layers`).
+    bn_impl: ``'auto'`` (default: ``'fused'`` on CPU, ``'flax'`` elsewhere) | ``'fused'``
+      (hand-written BN backward) | ``'flax'`` (``nn.BatchNorm``).
     bbn: build the BBN two-branch variant (``cb_block`` / ``rb_block``).
     widths: channels of the three stages.
 
