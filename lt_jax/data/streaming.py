@@ -232,30 +232,6 @@ def default_rows(batch_size: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------
 
 
-def add_streaming_fields(c, *, name: str, tfds_name: str, num_classes: int, train_split: str, test_split: str,
-                         image_size: int = 224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
-  """Adds the streaming-dataset fields to a run config ``c`` (``configs/imagenet_lt.py``, ``inat18.py``).
-
-  ``c.dataset``: ``source`` (:data:`STREAM_SOURCES`), ``tfds_name``, ``root``,
-  ``train_split`` / ``test_split`` (tfds split names or split-list files), ``num_classes``,
-  ``image_size``, ``mean`` / ``std`` (on pixel / 255), ``fixture`` (settings of the
-  generated ``smoke`` data). ``c.input``: ``num_threads`` (0: CPU count), ``prefetch``,
-  ``train_transform`` / ``eval_transform`` (:data:`TRANSFORMS`), ``min_scale`` of the
-  random-resized crop, ``crop_fraction`` of the evaluation centre crop, ``jpeg_draft``.
-  """
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  d = c.dataset
-  d.name, d.source, d.tfds_name, d.root = name, "tfds", tfds_name, ""
-  d.train_split, d.test_split, d.num_classes, d.image_size = train_split, test_split, num_classes, image_size
-  d.mean, d.std = tuple(mean), tuple(std)
-  d.fixture = ml_collections.ConfigDict(dict(num_classes=12, max_per_class=40, imbalance_ratio=10.0,
-                                             test_per_class=6, size=32, seed=0))
-  c.input = ml_collections.ConfigDict(dict(num_threads=0, prefetch=2, train_transform="random_resized_crop",
-                                           eval_transform="center_crop", min_scale=0.08, crop_fraction=0.875,
-                                           jpeg_draft=True))
-  return c
-
-
 class StreamingRun(NamedTuple):
   """A streamed dataset as the trainer uses it (built once per run by :func:`open_run`)."""
   name: str

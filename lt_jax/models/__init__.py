@@ -33,7 +33,7 @@ from lt_jax.models.layers import (BN_IMPLS, CONV_IMPLS, HEADS, BatchNorm, Conv, 
 from lt_jax.models.resnet import ResNet
 from lt_jax.models.resnet_cifar import CifarResNet, option_a_shortcut, param_count_cifar_resnet
 
-MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "cnn", "resnet50", "resnext50")
+MODELS = ("cnn", "resnet20", "resnet32", "resnet44", "resnet56", "resnet50", "resnext50")
 
 _CIFAR_DEPTH = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56}
 

@@ -16,10 +16,15 @@ import math
 
 import ml_collections
 
-DATASETS = ("fashion_mnist", "cifar10", "cifar100")
-MODELS = ("cnn", "resnet20", "resnet32", "resnet44", "resnet56", "resnet50", "resnext50")
-HEADS = ("linear", "cosine", "lws")
-SAMPLERS = ("instance", "class_balanced", "sqrt", "progressive", "class_aware", "reversed")
+from lt_jax import samplers as _samplers
+from lt_jax import models as _models
+from lt_jax.models import layers as _layers
+
+# One vocabulary per kind, read from its registry (tests/test_vocabulary.py checks they agree):
+DATASETS = ("fashion_mnist", "cifar10", "cifar100")   # = lt_jax.data.sources.IN_MEMORY_DATASETS
+MODELS = _models.MODELS
+HEADS = _layers.HEADS
+SAMPLERS = _samplers.SAMPLERS
 SCHEDULES = ("step", "cosine", "constant")
 PROFILES = ("exp", "step", "pareto")
 MIXES = ("none", "mixup", "cutmix", "remix")
