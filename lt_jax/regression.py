@@ -448,9 +448,13 @@ def fds_update(state: FDSState, sums: FDSSums, momentum: float | None = 0.9,
   ``reference_lag=True`` reproduces the reference's timing instead: its ``_update_last_epoch_stats``
   smooths the running statistics *before* the epoch's update (from the second update on), while
   the normalising ``running_*_last_epoch`` buffers alias ``running_*`` and so see the update. Then
-  ``smoothed`` lags ``running`` by one epoch; with ``start_smooth = 2`` in the trainer this equals
-  the reference run with ``start_smooth = 1`` (whose epoch-1 recalibration is the identity).
-  ``center`` must be the one given to :func:`fds_batch_stats`.
+  ``smoothed`` lags ``running`` by one epoch. After the first update ``smoothed = running`` (the
+  reference's buffers are still the initial 0 / 1 then), so :func:`fds_calibrate` is the identity
+  in the following epoch exactly as the reference's first smoothing epoch, and the same
+  ``start_smooth`` reproduces the reference run. The DIR trainer's default is
+  ``fds.reference_lag=True`` (the reference's timing); ``False`` smooths the just-updated
+  statistics (no lag, the paper's description). ``center`` must be the one given to
+  :func:`fds_batch_stats`.
   """
   if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
     raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum}")
@@ -477,8 +481,10 @@ def fds_update(state: FDSState, sums: FDSSums, momentum: float | None = 0.9,
   run_mean = jnp.where(upd, (1.0 - f) * mean + f * state.running_mean, state.running_mean)
   run_var = jnp.where(upd, (1.0 - f) * var + f * state.running_var, state.running_var)
   if reference_lag:
-    sm_mean = jnp.where(first, state.smoothed_mean, fds_smooth(state.running_mean, k))
-    sm_var = jnp.where(first, state.smoothed_var, fds_smooth(state.running_var, k))
+    # First update: smoothed = running, so the next epoch's recalibration is the identity, as the
+    # reference's (its *_last_epoch buffers still hold the initial 0 / 1 then).
+    sm_mean = jnp.where(first, run_mean, fds_smooth(state.running_mean, k))
+    sm_var = jnp.where(first, run_var, fds_smooth(state.running_var, k))
   else:
     sm_mean, sm_var = fds_smooth(run_mean, k), fds_smooth(run_var, k)
   return FDSState(run_mean, run_var, sm_mean, sm_var, tracked, state.num_updates + 1)

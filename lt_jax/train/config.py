@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(name="resnet32", head="linear", cosine_scale=16.0,
                                            dtype="float32"))
   c.model.bbn = False         # BBN two-branch model and two-sampler training (Zhou et al. 2020)
+  c.model.bbn_div_epoch = 0   # BBN alpha divisor T_div; 0: the reference rule (decoupled.bbn_div_epoch)
   # drw_epoch >= 0: deferred re-weighting, the loss's weights switch on at this epoch (-1: always)
   c.loss = ml_collections.ConfigDict(dict(name="ce", hparams=ml_collections.ConfigDict(), drw_epoch=-1.0))
   # defer_epochs > 0: deferred re-sampling (DRS), instance sampling before this epoch

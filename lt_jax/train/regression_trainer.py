@@ -78,7 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.lds = ml_collections.ConfigDict(dict(reweight="none", enabled=False, kernel="gaussian", ks=5, sigma=2.0,
                                          clip=(5.0, 1000.0)))
   c.fds = ml_collections.ConfigDict(dict(enabled=False, kernel="gaussian", ks=5, sigma=2.0, momentum=0.9,
-                                         start_update=0, start_smooth=1, clip=(0.1, 10.0)))
+                                         start_update=0, start_smooth=1, clip=(0.1, 10.0),
+                                         reference_lag=True))  # True: the reference's one-epoch lag
   c.augment = ml_collections.ConfigDict(dict(crop_pad=2))
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, momentum=0.9, nesterov=False, weight_decay=0.0, schedule="cosine",
@@ -440,7 +441,7 @@ def train_and_evaluate_regression(config: ml_collections.ConfigDict, workdir: st
   fc = config.fds
   fds_sums = make_fds_sums(model, spec, num_bins)
   fds_update = jax.jit(functools.partial(regression.fds_update, momentum=fc.momentum, kernel=fc.kernel,
-                                         ks=fc.ks, sigma=fc.sigma))
+                                         ks=fc.ks, sigma=fc.sigma, reference_lag=bool(fc.reference_lag)))
   fds_batches = fds_pass_batches(len(ds.train_targets), config.batch_size, config.seed)
   writer = report.MetricWriter(workdir, enabled=is_main)
 

@@ -221,7 +221,8 @@ def joint_spec(ctx: Context, workdir: str) -> StageSpec:
     hp["drw_start"] = int(round(c.loss.drw_epoch * ctx.steps_per_epoch))
   sc = _step_config(ctx, c.sampler.name, c.num_epochs, bn_train=True)
   sc = sc._replace(defer_epochs=int(c.sampler.defer_epochs), mix=c.mix.name, mix_alpha=float(c.mix.alpha),
-                   remix_kappa=float(c.mix.kappa), remix_tau=float(c.mix.tau), bbn=bool(c.model.bbn))
+                   remix_kappa=float(c.mix.kappa), remix_tau=float(c.mix.tau), bbn=bool(c.model.bbn),
+                   bbn_div_epoch=int(c.model.bbn_div_epoch))
   return StageSpec("joint", workdir, build_model(c, ctx.ds.num_classes), losses.make_loss(c.loss.name, **hp),
                    c.optim, c.num_epochs, sc, "all", c.to_dict())
 
