@@ -577,3 +577,35 @@ def test_regression_metrics_random_against_reference_loop():
   assert float(J_summary(s0)["gm"]) == ref0 == 0.0
   s1 = J_sums(p0, y, R.bin_index(y, bins), 121)
   assert all(np.all(np.isfinite(np.asarray(a))) for a in s1) and float(J_summary(s1)["gm"]) > 0
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "triang", "laplace"])
+def test_lds_inverse_truncate_density_matches_int64_convolve1d(kind):
+  """``truncate_density=True`` reproduces the reference's int64 smoothing of ``'inverse'`` counts.
+
+  The reference keeps ``np.clip(counts, 5, 1000)`` as int64 and ``scipy.ndimage.convolve1d``
+  returns int64 (truncated), re-derived here with scipy on an int64 array. lt_jax's default keeps
+  the real-valued density (the paper's formula); the two differ.
+  """
+  y = np.minimum(120, _ages())
+  counts = np.bincount(y, minlength=121)
+  k = np_kernel(kind, 5, 2)
+  d_int = ndimage.convolve1d(np.clip(counts, 5, 1000).astype(np.int64), k, mode="constant")
+  assert d_int.dtype == np.int64
+  w = 1.0 / d_int[y].astype(np.float64)
+  want = w * len(w) / w.sum()
+  got = R.lds_weights(y.astype(np.float32), R.make_bins(0, 121, 1), reweight="inverse", kernel=kind,
+                      ks=5, sigma=2, truncate_density=True)
+  _close(got, want)
+  table = R.lds_bin_weights(counts, "inverse", True, kind, 5, 2.0, truncate_density=True)
+  wb = 1.0 / d_int.astype(np.float64)
+  _close(table, wb * counts.sum() / np.sum(counts * wb))
+  # Default: real-valued density (differs from the truncated one), as the float64 formula.
+  default = np.asarray(R.lds_bin_weights(counts, "inverse", True, kind, 5, 2.0))
+  d_real = ndimage.convolve1d(np.clip(counts, 5, 1000).astype(np.float64), k, mode="constant")
+  wr = 1.0 / d_real
+  _close(default, wr * counts.sum() / np.sum(counts * wr))
+  assert np.max(np.abs(default / np.asarray(table) - 1)) > 1e-3
+  # sqrt_inv densities are floats in the reference: the flag does not change them.
+  _close(R.lds_bin_weights(counts, "sqrt_inv", True, kind, 5, 2.0, truncate_density=True),
+         R.lds_bin_weights(counts, "sqrt_inv", True, kind, 5, 2.0))

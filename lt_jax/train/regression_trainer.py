@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
       name="mse", huber_beta=1.0, focal_kind="l1", focal_beta=0.2, focal_gamma=1.0,
       focal_activation="sigmoid", noise_sigma=8.0, learn_noise=True, sigma_lr=0.05))
   c.lds = ml_collections.ConfigDict(dict(reweight="none", enabled=False, kernel="gaussian", ks=5, sigma=2.0,
-                                         clip=(5.0, 1000.0)))
+                                         clip=(5.0, 1000.0), truncate=False))  # True: reference int64 density
   c.fds = ml_collections.ConfigDict(dict(enabled=False, kernel="gaussian", ks=5, sigma=2.0, momentum=0.9,
                                          start_update=0, start_smooth=1, clip=(0.1, 10.0),
                                          reference_lag=True))  # True: the reference's one-epoch lag
@@ -432,7 +432,8 @@ def train_and_evaluate_regression(config: ml_collections.ConfigDict, workdir: st
                  put_global(train_bins.astype(np.int32), rep))
   lc = config.lds
   bin_weights = put_global(np.asarray(regression.lds_bin_weights(
-      counts, lc.reweight, lc.enabled, lc.kernel, lc.ks, lc.sigma, tuple(lc.clip))), rep)
+      counts, lc.reweight, lc.enabled, lc.kernel, lc.ks, lc.sigma, tuple(lc.clip),
+      truncate_density=bool(lc.truncate))), rep)
   sc = steps.StepConfig(batch_size=config.batch_size, steps_per_epoch=spe, num_epochs=config.num_epochs,
                         sampler="instance", k_per_class=1, crop_pad=config.augment.crop_pad, flip=False,
                         mean=spec.mean, std=spec.std)
