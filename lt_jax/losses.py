@@ -204,9 +204,14 @@ def sigmoid_binary_cross_entropy(logits: Array, labels: Array) -> Array:
 def logit_adjust(logits: Array, prior_or_counts: Array, tau: float = 1.0) -> Array:
   """Additive logit adjustment ``z_c + tau * log pi_c`` (Menon et al., ICLR 2021).
 
-  The google-research ``logit_adjustment`` code adds ``tau * log(pi + 1e-12)``; here ``log pi``
-  comes from :func:`priors.log_prior` (zero-count rule instead of the 1e-12 floor). Counts and a
-  prior give the same result up to a per-row constant, which softmax ignores.
+  The google-research ``logit_adjustment`` code (``utils.py``, loss; ``main.py``, post-hoc) adds
+  ``log(pi^tau + 1e-12)``: the floor is added *after* the temperature, so it is not
+  ``tau * log(pi + 1e-12)``. lt_jax adds ``tau * log pi`` with ``log pi`` from
+  :func:`priors.log_prior`, which has no additive floor: a zero-count class gets the zero-count rule
+  (``n_c <- 0.5 min_{k: n_k > 0} n_k``) instead of ``log(1e-12)``. For every class with
+  ``pi_c^tau >> 1e-12`` the two agree to ``1e-12 / pi_c^tau`` (relative); they differ for empty
+  classes and for ``pi_c^tau`` near the floor. Counts and a prior give the same result up to a
+  per-row constant, which softmax ignores.
   """
   _require_prior(prior_or_counts, "logit_adjust")
   return _f32(logits) + tau * priors.log_prior(prior_or_counts)[None, :]

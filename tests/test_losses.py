@@ -655,3 +655,23 @@ def test_focal_ldam_drw_form_matches_reference_focal_with_weight(gamma):
     losses.make_loss("focal", form="bogus")
   with pytest.raises(ValueError, match="form"):
     losses.focal_loss(z, y, form="bogus")
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 2.0])
+def test_logit_adjust_vs_official_floor(tau):
+  """lt_jax adds ``tau log pi`` (zero-count rule); google-research adds ``log(pi^tau + 1e-12)``.
+
+  Re-derived in float64: equal for observed classes (the floor is negligible), different for an
+  empty class (reference: ``log(1e-12)``; lt_jax: ``tau log(0.5 n_min / N')``).
+  """
+  z, _ = _data(12)
+  pi = COUNTS / COUNTS.sum()
+  ref = z.astype(np.float64) + np.log(pi ** tau + 1e-12)[None, :]
+  _close(losses.logit_adjust(z, COUNTS, tau), ref)
+  _close(losses.logit_adjust(z, pi, tau), ref)
+  counts0 = np.array([60, 30, 12, 4, 0])
+  ref0 = np.log((counts0 / counts0.sum()) ** tau + 1e-12)
+  got0 = np.asarray(losses.logit_adjust(np.zeros((1, C), np.float32), counts0, tau))[0]
+  safe = np.where(counts0 > 0, counts0, 2.0)
+  _close(got0, tau * np.log(safe / safe.sum()))
+  assert abs(got0[-1] - ref0[-1]) > 1.0
