@@ -53,7 +53,7 @@ PyTree = Any
 
 __all__ = [
     "TRAINABLE_MODES", "param_labels", "partitioned_optimizer", "reinit_head",
-    "bbn_alpha", "bbn_loss",
+    "bbn_alpha", "bbn_div_epoch", "bbn_loss",
     "bags_groups", "group_softmax_num_outputs", "group_softmax_loss", "group_softmax_logits",
     "group_softmax_predict",
     "posthoc_sweep", "tau_norm_sweep", "select_on_validation", "SELECTION_KEYS",
@@ -186,14 +186,29 @@ def reinit_head(params: PyTree, rng: Array, model: Any, input_shape: Sequence[in
 # BBN.
 
 
+def bbn_div_epoch(max_epoch: int) -> int:
+  """The reference's cumulative-learning divisor ``T_div`` for a ``max_epoch``-epoch schedule.
+
+  BBN ``lib/core/combiner.py`` (``initilize_all_parameters``): ``T_div = 100 * (max_epoch // 100
+  + 1)`` **only** for ``max_epoch in (90, 180)`` (giving 100 / 200, so ``alpha`` stays above 0 in
+  the last epoch), else ``T_div = max_epoch``. lt_jax follows the code, not the simplified
+  "always ``100 * (max_epoch // 100 + 1)``" reading (which would give 300 for the 200-epoch
+  CIFAR recipe, where the reference divides by 200).
+  """
+  if not isinstance(max_epoch, numbers.Integral) or max_epoch < 1:
+    raise ValueError(f"bbn_div_epoch: max_epoch must be an int >= 1, got {max_epoch!r}")
+  return 100 * (int(max_epoch) // 100 + 1) if max_epoch in (90, 180) else int(max_epoch)
+
+
 def bbn_alpha(epoch: int | Array, max_epoch: int, div_epoch: int | None = None) -> Array:
   """BBN cumulative-learning weight ``alpha = 1 - ((T - 1) / T_div)^2``, float32 scalar.
 
   Zhou et al., "BBN: Bilateral-Branch Network with Cumulative Learning for Long-Tailed
   Visual Recognition", CVPR 2020 (``lib/core/combiner.py``, REFERENCE.md §3): ``T`` is the
   **1-based** epoch (``T = 1`` gives ``alpha = 1``: only the conventional branch),
-  ``T_div = max_epoch`` unless ``div_epoch`` is given (the reference uses 100 / 200 for
-  90 / 180-epoch runs, so ``alpha`` stays above 0 at the end). ``alpha`` weights the
+  ``T_div = bbn_div_epoch(max_epoch)`` unless ``div_epoch`` is given: the reference's rule,
+  100 / 200 for 90 / 180-epoch runs and ``max_epoch`` otherwise (so ``div_epoch=None`` matches
+  the reference for every schedule). ``alpha`` weights the
   conventional (uniform-sampler) branch, ``1 - alpha`` the re-balancing (reversed-sampler,
   ``lt_jax.samplers.reversed_probs``) branch. ``epoch`` may be traced; concrete values are
   checked.
@@ -204,7 +219,7 @@ def bbn_alpha(epoch: int | Array, max_epoch: int, div_epoch: int | None = None) 
   """
   if not isinstance(max_epoch, numbers.Integral) or max_epoch < 1:
     raise ValueError(f"bbn_alpha: max_epoch must be an int >= 1, got {max_epoch!r}")
-  t_div = max_epoch if div_epoch is None else div_epoch
+  t_div = bbn_div_epoch(max_epoch) if div_epoch is None else div_epoch
   if not t_div > 0:
     raise ValueError(f"bbn_alpha: div_epoch must be > 0, got {div_epoch!r}")
   if t_div < max_epoch - 1:

@@ -53,7 +53,7 @@ __all__ = [
     "logit_adjust", "ldam_margins", "apply_margin", "la_pairwise_delta",
     "resolve_class_weights", "label_weights", "class_weighting",
     "reduce_mean", "reduce_weighted_mean",
-    "weighted_cross_entropy", "label_smoothing_cross_entropy", "focal_loss",
+    "weighted_cross_entropy", "label_smoothing_cross_entropy", "focal_loss", "focal_modulate", "FOCAL_FORMS",
     "sigmoid_cross_entropy", "sigmoid_focal_loss", "class_balanced_loss", "ldam_loss",
     "logit_adjusted_loss", "balanced_softmax_loss", "generalized_logit_adjusted_loss",
     "equalization_loss", "softmax_equalization_loss",
@@ -204,9 +204,14 @@ def sigmoid_binary_cross_entropy(logits: Array, labels: Array) -> Array:
 def logit_adjust(logits: Array, prior_or_counts: Array, tau: float = 1.0) -> Array:
   """Additive logit adjustment ``z_c + tau * log pi_c`` (Menon et al., ICLR 2021).
 
-  The google-research ``logit_adjustment`` code adds ``tau * log(pi + 1e-12)``; here ``log pi``
-  comes from :func:`priors.log_prior` (zero-count rule instead of the 1e-12 floor). Counts and a
-  prior give the same result up to a per-row constant, which softmax ignores.
+  The google-research ``logit_adjustment`` code (``utils.py``, loss; ``main.py``, post-hoc) adds
+  ``log(pi^tau + 1e-12)``: the floor is added *after* the temperature, so it is not
+  ``tau * log(pi + 1e-12)``. lt_jax adds ``tau * log pi`` with ``log pi`` from
+  :func:`priors.log_prior`, which has no additive floor: a zero-count class gets the zero-count rule
+  (``n_c <- 0.5 min_{k: n_k > 0} n_k``) instead of ``log(1e-12)``. For every class with
+  ``pi_c^tau >> 1e-12`` the two agree to ``1e-12 / pi_c^tau`` (relative); they differ for empty
+  classes and for ``pi_c^tau`` near the floor. Counts and a prior give the same result up to a
+  per-row constant, which softmax ignores.
   """
   _require_prior(prior_or_counts, "logit_adjust")
   return _f32(logits) + tau * priors.log_prior(prior_or_counts)[None, :]
@@ -355,8 +360,24 @@ def label_smoothing_cross_entropy(logits: Array, labels: Array,
   return _ce_targets(z, t_s)
 
 
+FOCAL_FORMS = ("paper", "ldam_drw")
+
+
+def focal_modulate(x: Array, gamma: float) -> Array:
+  """``(1 - exp(-x))^gamma * x`` of a per-example loss ``x >= 0`` (LDAM-DRW ``focal_loss``).
+
+  ``1 - exp(-x)`` is ``-expm1(-x)``; ``x = 0`` gives 0 with finite gradients for any ``gamma``.
+  """
+  x = _f32(x)
+  pos = x > 0
+  xs = jnp.where(pos, x, 1.0)
+  mod = jnp.exp(gamma * jnp.log(-jnp.expm1(-xs)))
+  return jnp.where(pos, mod * xs, 0.0 if gamma > 0 else x)
+
+
 def focal_loss(logits: Array, labels: Array, prior_or_counts: Array | None = None, *,
-               gamma: float = 1.0, alpha: Array | None = None) -> Array:
+               gamma: float = 1.0, alpha: Array | None = None, weights: Array | None = None,
+               form: str = "paper") -> Array:
   """Softmax focal loss ``alpha_y (1 - p_y)^gamma * (-log p_y)`` per example.
 
   Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017, in the softmax form of
@@ -365,11 +386,32 @@ def focal_loss(logits: Array, labels: Array, prior_or_counts: Array | None = Non
   ``(1 - p)^gamma`` is computed as ``exp(gamma log(1 - p))`` with a cancellation-free
   ``log(1 - p)``, so any ``gamma >= 0`` (also ``gamma < 1``) has finite gradients at ``p = 1``;
   ``gamma = 0`` is exactly CE.
+
+  Class weights ``weights`` (a (C,) vector, ``w_y = sum_c y_c w_c``), two conventions:
+
+  * ``form='paper'`` (default; Lin et al.'s alpha-balanced form, Cui et al.'s weighting):
+    ``w_y (1 - p_y)^gamma CE``; the weight scales the loss, the modulating factor is the model's.
+  * ``form='ldam_drw'``: as ``kaidic/LDAM-DRW`` ``FocalLoss(weight=w)``, which feeds
+    ``F.cross_entropy(weight=w, reduction='none') = w_y CE`` to ``focal_loss``:
+    ``(1 - exp(-w_y CE))^gamma * w_y CE``. The weight also enters the modulating factor (for
+    ``w_y != 1`` it is no longer ``(1 - p_y)^gamma``). Without weights both forms coincide.
+    ``alpha`` (if any) multiplies CE before the modulation, like ``weights``.
+
+  The registry's ``make_loss('focal', form=..., weights=...)`` applies the same rule to its
+  (possibly batch-normalised or deferred) per-example weights; recipe ``loss=focal_drw``.
   """
   if not gamma >= 0:
     raise ValueError(f"focal gamma must be >= 0, got {gamma}")
+  if form not in FOCAL_FORMS:
+    raise ValueError(f"unknown focal form {form!r}; valid forms: {', '.join(FOCAL_FORMS)}")
   z = _check_logits(logits)
   t = as_targets(labels, z.shape[-1])
+  if form == "ldam_drw":
+    ce = focal_loss(z, t, gamma=0.0, alpha=alpha)
+    x = ce if weights is None else ce * (t @ _f32(weights))
+    return focal_modulate(x, gamma)
+  if weights is not None:
+    return focal_loss(z, t, gamma=gamma, alpha=alpha) * (t @ _f32(weights))
   logp = jax.nn.log_softmax(z, axis=-1)
   mod = jnp.exp(gamma * _log1m_softmax(z))
   terms = t * mod * (-logp)
@@ -706,6 +748,15 @@ def _build_seesaw(hp):
   return core
 
 
+def _build_focal(hp):
+  def core(z, labels, t, prior, state, ex_w):
+    if hp["form"] == "ldam_drw":  # the per-example weight goes inside the modulating factor
+      ce = focal_loss(z, t, gamma=0.0, alpha=hp["alpha"])
+      return focal_modulate(ce if ex_w is None else ce * ex_w, hp["gamma"]), {}
+    return _scale(focal_loss(z, labels, gamma=hp["gamma"], alpha=hp["alpha"]), ex_w), {}
+  return core
+
+
 def _no_step(hp):
   return False
 
@@ -720,10 +771,8 @@ _SPECS: dict[str, _Spec] = {
         {"epsilon": 0.1}, "optional",
         _stateless(lambda z, y, pr, hp: label_smoothing_cross_entropy(z, y, epsilon=hp["epsilon"])),
         None, _no_step),
-    "focal": _Spec(
-        {"gamma": 1.0, "alpha": None}, "optional",
-        _stateless(lambda z, y, pr, hp: focal_loss(z, y, gamma=hp["gamma"], alpha=hp["alpha"])),
-        None, _no_step),
+    "focal": _Spec({"gamma": 1.0, "alpha": None, "form": "paper"}, "optional", _build_focal,
+                   None, _no_step),
     "bce": _Spec({}, "optional", _stateless(lambda z, y, pr, hp: sigmoid_cross_entropy(z, y)),
                  None, _no_step),
     "sigmoid_focal": _Spec(
@@ -795,6 +844,8 @@ def _validate_own(name: str, hp: dict, explicit: set) -> None:
     need(0.0 <= hp["beta"] < 1.0, f"beta must be in [0, 1), got {hp['beta']}")
   if "epsilon" in hp:
     need(0.0 <= hp["epsilon"] <= 1.0, f"epsilon must be in [0, 1], got {hp['epsilon']}")
+  if name == "focal":
+    need(hp["form"] in FOCAL_FORMS, f"unknown form {hp['form']!r}; valid forms: {', '.join(FOCAL_FORMS)}")
   if name == "ldam":
     need(hp["max_m"] > 0 and hp["s"] > 0, f"max_m and s must be > 0, got {hp['max_m']}, {hp['s']}")
   if name == "seesaw":
@@ -820,7 +871,8 @@ def make_loss(name: str, **hparams) -> Loss:
   Names (:data:`LOSSES`) and their own hparams (defaults):
 
   * ``ce``; ``weighted_ce`` (``weights='inverse'`` by default); ``label_smoothing`` (epsilon=0.1);
-    ``focal`` (softmax, gamma=1.0, alpha=None per-class vector); ``bce`` (sigmoid, summed);
+    ``focal`` (softmax, gamma=1.0, alpha=None per-class vector, form='paper' | 'ldam_drw': where
+    class weights go, see :func:`focal_loss`); ``bce`` (sigmoid, summed);
     ``sigmoid_focal`` (gamma=2.0, alpha=None scalar or vector);
   * ``cb_softmax`` / ``cb_sigmoid`` / ``cb_focal`` (beta=0.9999; cb_focal gamma=2.0): effective-
     number weights, need raw counts;

@@ -221,10 +221,10 @@ def _safe_div(num: Array, den: Array, zero_division: float) -> Array:
   return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.float32(zero_division))
 
 
-def _masked_mean(x: Array, keep: Array) -> Array:
-  """Mean of ``x`` over ``keep``; NaN when nothing is kept."""
+def _masked_mean(x: Array, keep: Array, fill: float = float("nan")) -> Array:
+  """Mean of ``x`` over ``keep``; ``fill`` (default NaN) when nothing is kept."""
   n = jnp.sum(keep)
-  return jnp.where(n > 0, jnp.sum(jnp.where(keep, x, 0.0)) / jnp.maximum(n, 1), jnp.nan)
+  return jnp.where(n > 0, jnp.sum(jnp.where(keep, x, 0.0)) / jnp.maximum(n, 1), jnp.float32(fill))
 
 
 # ----------------------------------------------------------------------------------------
@@ -295,15 +295,18 @@ def macro_f1(cm: Array | ClassCounts) -> Array:
 
 
 def shot_accuracy(cm: Array | ClassCounts, train_counts: Array, many: int = 100,
-                  few: int = 20) -> dict[str, Array]:
+                  few: int = 20, empty_fill: float = float("nan")) -> dict[str, Array]:
   """Many / medium / few-shot accuracy: mean per-class recall within each group.
 
   Groups from training counts as in classifier-balancing ``utils.py:shot_acc`` (Liu et al.,
   OLTR, CVPR 2019; Kang et al., ICLR 2020), via :func:`lt_jax.priors.shot_groups`:
   many ``n_c > many``, few ``n_c < few``, medium the rest. Within a group the mean is over
   classes present in the evaluation labels (the reference iterates over
-  ``np.unique(labels)``). A group with no such class is ``NaN`` (documented; filter with
-  ``jnp.isnan``), e.g. CIFAR-10-LT has no few-shot class at these thresholds.
+  ``np.unique(labels)``). A group with no such class is ``empty_fill``, by default ``NaN``
+  (filter with ``jnp.isnan``), e.g. CIFAR-10-LT has no few-shot class at these thresholds. The
+  reference returns 0.0 there instead (``shot_acc`` appends a 0 to an empty group before
+  ``np.mean``), which reads as "0% accuracy"; lt_jax keeps NaN so that an absent group cannot be
+  mistaken for a failed one, and ``empty_fill=0.0`` reproduces the reference's numbers.
 
   Returns ``{'many': ..., 'medium': ..., 'few': ...}`` float32 scalars.
   """
@@ -313,7 +316,7 @@ def shot_accuracy(cm: Array | ClassCounts, train_counts: Array, many: int = 100,
     raise ValueError(f"train_counts must have shape {k.support.shape}, got {tc.shape}")
   rec = per_class_recall(k)
   present = k.support > 0
-  return {g: _masked_mean(rec, m & present) for g, m in shot_groups(tc, many, few).items()}
+  return {g: _masked_mean(rec, m & present, empty_fill) for g, m in shot_groups(tc, many, few).items()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -459,19 +462,20 @@ def auc_ovr(probs: Array, labels: Array, mask: Array | None = None, average: str
 # ----------------------------------------------------------------------------------------
 
 def summarize(cm: Array | ClassCounts, train_counts: Array | None = None, *, many: int = 100, few: int = 20,
-              calibration: CalibrationCounts | None = None, nll: NLLSums | None = None) -> dict[str, Array]:
+              calibration: CalibrationCounts | None = None, nll: NLLSums | None = None,
+              empty_fill: float = float("nan")) -> dict[str, Array]:
   """Every classification metric from accumulated sums, as float32 scalars (jit-safe).
 
   Keys: ``accuracy``, ``balanced_accuracy``, ``balanced_error_rate``, ``macro_f1``; with
   ``train_counts`` also ``many_shot``, ``medium_shot``, ``few_shot`` (:func:`shot_accuracy`,
-  NaN for an empty group); with ``calibration`` also ``ece``; with ``nll`` (an
+  ``empty_fill`` for an empty group, NaN by default, 0.0 as the reference); with ``calibration`` also ``ece``; with ``nll`` (an
   :class:`NLLSums`) also ``nll``. See :data:`SUMMARY_KEYS`.
   """
   k = as_class_counts(cm)
   out = {"accuracy": accuracy(k), "balanced_accuracy": balanced_accuracy(k),
          "balanced_error_rate": balanced_error_rate(k), "macro_f1": macro_f1(k)}
   if train_counts is not None:
-    out.update({f"{g}_shot": v for g, v in shot_accuracy(k, train_counts, many, few).items()})
+    out.update({f"{g}_shot": v for g, v in shot_accuracy(k, train_counts, many, few, empty_fill).items()})
   if calibration is not None:
     out["ece"] = ece_from_counts(calibration)
   if nll is not None:

@@ -38,7 +38,7 @@ from lt_jax import losses, priors
 
 Array = jax.Array
 
-__all__ = ["mixup", "cutmix", "cutmix_box", "remix_weights", "remix_targets", "remix"]
+__all__ = ["mixup", "cutmix", "cutmix_box", "remix_weights", "remix_targets", "remix", "remix_batch_mean_loss"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,7 +251,15 @@ def remix_targets(labels: Array, perm: Array, lam: float | Array, counts: Array,
   """Remix soft targets ``t_i = w_i e_{y_i} + (1 - w_i) e_{y_perm[i]}``, ``(B, C)`` float32.
 
   ``w`` from :func:`remix_weights` (Chou et al., ECCV-W 2020). Softmax cross-entropy
-  against these targets equals the BagofTricks loss ``w CE(z, y_i) + (1 - w) CE(z, y_j)``.
+  against these targets is the paper's per-example rule ``w_i CE(z_i, y_i) + (1 - w_i)
+  CE(z_i, y_perm[i])``, averaged over the batch (lt_jax's convention, also the train step's).
+
+  This is *not* BagofTricks-LT's loss: its ``combiner.remix`` calls a criterion that already
+  mean-reduces over the batch, ``mean_i(w_i * meanCE(y) + (1 - w_i) * meanCE(y_perm))``, i.e.
+  ``mean(w) meanCE(z, y) + (1 - mean(w)) meanCE(z, y_perm)``: every example's two CE terms get
+  the *batch-average* weight, so the per-example rebalancing survives only through ``mean(w)``.
+  The two agree when all ``w_i`` are equal (e.g. plain Mixup). That form is
+  :func:`remix_batch_mean_loss`.
   """
   y = _int_labels(labels, "remix_targets")
   w = remix_weights(y, perm, lam, counts, kappa, tau)
@@ -274,3 +282,18 @@ def remix(key: Array, images: Array, labels: Array, counts: Array, num_classes: 
   y = _int_labels(labels, "remix")
   mixed, _, lam, perm = mixup(key, images, y, num_classes, alpha)
   return mixed, remix_targets(y, perm, lam, counts, num_classes, kappa, tau), lam, perm
+
+
+def remix_batch_mean_loss(logits: Array, labels: Array, perm: Array, weights: Array) -> Array:
+  """BagofTricks-LT's Remix loss ``mean(w) meanCE(z, y) + (1 - mean(w)) meanCE(z, y_perm)``, scalar.
+
+  ``zhangyongshun/BagofTricks-LT`` ``lib/core/combiner.py`` (``remix``) with its mean-reducing
+  ``CrossEntropy`` criterion: the label weights ``w`` (:func:`remix_weights`) are averaged before
+  they mix the two batch-mean cross-entropies. For reproducing that code only; lt_jax's default is
+  the per-example rule of Chou et al. (ECCV-W 2020), :func:`remix_targets`.
+  """
+  y = _int_labels(labels, "remix_batch_mean_loss")
+  w = jnp.mean(jnp.asarray(weights, jnp.float32))
+  ce_a = jnp.mean(losses.softmax_cross_entropy(logits, y))
+  ce_b = jnp.mean(losses.softmax_cross_entropy(logits, y[jnp.asarray(perm)]))
+  return w * ce_a + (1.0 - w) * ce_b

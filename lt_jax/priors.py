@@ -15,6 +15,8 @@ Zero-count rule (used by every function in lt_jax that inverts or logs a count):
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -140,10 +142,48 @@ def lt_counts(n_max: int, num_classes: int, imbalance_ratio: float, profile: str
   return counts
 
 
+def _concrete_float64(counts) -> np.ndarray | None:
+  """``counts`` as a float64 NumPy vector with the zero-count rule, or ``None`` when traced."""
+  try:
+    c = np.asarray(counts, np.float64)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
+  if c.ndim != 1:
+    return None
+  pos = c > 0
+  if not np.any(pos):
+    return np.ones_like(c)
+  return np.where(pos, c, 0.5 * np.min(c[pos]))
+
+
+def _effective_number_f64(c: np.ndarray, beta: float) -> np.ndarray:
+  """Float64 ``(1 - beta^c) / (1 - beta)`` for float64 counts ``c`` (already zero-count safe)."""
+  log_beta = math.log1p(-(1.0 - beta)) if beta > 0 else -math.inf
+  return -np.expm1(c * log_beta) / (1.0 - beta)
+
+
 def effective_number(counts: Array, beta: float) -> Array:
-  """Effective number of samples ``E_n = (1 - beta^n) / (1 - beta)`` (Cui et al., CVPR 2019)."""
+  """Effective number of samples ``E_n = (1 - beta^n) / (1 - beta)`` (Cui et al., CVPR 2019).
+
+  Precision: ``beta`` close to 1 (0.9999) loses digits in float32 (``float32(0.9999)`` is off by
+  ``2e-9``, i.e. ``2e-5`` relative to ``1 - beta``). With a Python ``beta``, ``log(beta)`` is taken
+  as ``log1p(-(1 - beta))`` in float64 on the host; concrete counts are evaluated entirely in
+  float64 NumPy (they are a function of the counts, computed once) and returned as float32.
+  Traced counts (under ``jit`` with counts as an argument) use float32 ``-expm1(n * log(beta))``
+  with that float64-derived constant, within ~1e-6 relative of the float64 formula. A traced
+  ``beta`` falls back to float32 ``log(beta)``.
+  """
+  if isinstance(beta, jax.core.Tracer):
+    n = safe_counts(counts)
+    return -jnp.expm1(n * jnp.log(beta)) / (1.0 - beta)
+  _check_concrete_counts(counts)
+  beta = float(beta)
+  log_beta = math.log1p(-(1.0 - beta)) if beta > 0 else -math.inf
+  c = _concrete_float64(counts)
+  if c is not None:
+    return jnp.asarray(_effective_number_f64(c, beta), jnp.float32)
   n = safe_counts(counts)
-  return -jnp.expm1(n * jnp.log(beta)) / (1.0 - beta)
+  return -jnp.expm1(n * jnp.float32(log_beta)) / jnp.float32(1.0 - beta)
 
 
 def class_weights(counts: Array, scheme: str = "inverse", **kw) -> Array:
@@ -160,6 +200,11 @@ def class_weights(counts: Array, scheme: str = "inverse", **kw) -> Array:
   * ``effective_number`` [beta=0.9999]: Class-Balanced weights (Cui et al., CVPR 2019)
     ``w_c = (1 - beta) / (1 - beta^{n_c})``, normalised so ``sum_c w_c = C``.
     CIFAR-10 IR100 with beta=0.9999 gives ``[0.051, ..., 3.993]``.
+    Matches the reference (``richardaecn/class-balanced-loss``, LDAM-DRW ``cifar_train.py``,
+    BagofTricks), which evaluates this in float64 NumPy once: with concrete counts and a Python
+    ``beta`` lt_jax does the same on the host (within 1e-6 relative of the float64 formula,
+    e.g. beta=0.9999 where a float32 ``log(beta)`` is off by 2e-5); traced counts use the float32
+    fallback of :func:`effective_number`.
 
   The zero-count rule of :func:`safe_counts` applies.
   """
@@ -181,6 +226,11 @@ def class_weights(counts: Array, scheme: str = "inverse", **kw) -> Array:
     beta = kw.get("beta", 0.9999)
     if not isinstance(beta, jax.core.Tracer) and not 0.0 <= beta < 1.0:
       raise ValueError(f"effective_number: beta must be in [0, 1), got {beta}")
+    if not isinstance(beta, jax.core.Tracer):
+      c = _concrete_float64(counts)
+      if c is not None:  # host float64: the reference's NumPy formula, rounded once to float32
+        w = 1.0 / np.asarray(_effective_number_f64(c, float(beta)))
+        return jnp.asarray(w / np.sum(w) * C, jnp.float32)
     w = 1.0 / effective_number(n, beta)
     return w / jnp.sum(w) * C
   gamma = {"inverse": 1.0, "sqrt_inverse": 0.5}.get(scheme, kw.get("gamma", 1.0))

@@ -259,9 +259,41 @@ def smooth_density(counts: Array, kernel: Array) -> Array:
   return _windows(padded, k.shape[0]) @ k[::-1]
 
 
+def _truncated_smooth(d: Array, kernel, ks: int, sigma: float) -> Array:
+  """The reference's ``convolve1d(int64 density, window, mode='constant')`` (int64 output: floor).
+
+  Concrete densities: SciPy on the host with the window built as the reference builds it (float64
+  ``gaussian_filter1d`` / ``signal.windows.triang`` / Laplace, peak 1), so values that are exact
+  integers in the reference's float64 arithmetic are not truncated one below. Traced: float32
+  ``floor(smooth_density(d, window))``.
+  """
+  try:
+    dn = np.asarray(d, np.float64)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return jnp.floor(smooth_density(d, _resolve_kernel(kernel, ks, sigma, "max")))
+  from scipy import ndimage, signal  # host-side reproduction only
+  if isinstance(kernel, str):
+    h = (ks - 1) // 2
+    if kernel == "gaussian":
+      base = np.zeros(ks)
+      base[h] = 1.0
+      k = ndimage.gaussian_filter1d(base, sigma=sigma)
+      k = k / k.max()
+    elif kernel == "triang":
+      k = signal.windows.triang(ks)
+    else:
+      k = np.exp(-np.abs(np.arange(-h, h + 1)) / sigma) / (2.0 * sigma)
+      k = k / k.max()
+  else:
+    k = np.asarray(kernel, np.float64)
+  out = ndimage.convolve1d(np.rint(dn).astype(np.int64), k, mode="constant")
+  return jnp.asarray(out, jnp.float32)
+
+
 def lds_bin_weights(counts: Array, reweight: str = "sqrt_inv", lds: bool = True,
                     kernel: str | Array = "gaussian", ks: int = 5, sigma: float = 2.0,
-                    clip: tuple[float, float] | None = (5.0, 1000.0)) -> Array:
+                    clip: tuple[float, float] | None = (5.0, 1000.0),
+                    truncate_density: bool = False) -> Array:
   """Per-bin LDS / inverse-frequency weights ``(B,)``, scaled to mean 1 over the training examples.
 
   DIR ``_prepare_weights`` (Yang et al., ICML 2021), from the per-bin training counts ``n_b``:
@@ -280,6 +312,17 @@ def lds_bin_weights(counts: Array, reweight: str = "sqrt_inv", lds: bool = True,
   no training example, so the training weights and their scaling are unaffected. The reference
   rejects ``lds=True`` with ``reweight='none'``; so does this function. ``kernel`` may also be an
   explicit odd-length window (used as given).
+
+  Integer truncation (``'inverse'`` + LDS): the reference smooths the clipped counts as an
+  ``int64`` array, and ``scipy.ndimage.convolve1d`` returns the input's dtype, so the smoothed
+  density is truncated to integers (``floor``; e.g. 1.5 -> 1). ``'sqrt_inv'`` densities are
+  floats there and are not truncated. lt_jax keeps the real-valued density by default (the
+  formula of the paper; truncation is an artefact of the dtype and changes weights by up to
+  1/d_b relative). ``truncate_density=True`` reproduces the reference: the smoothing is done in
+  float64 on the host for concrete counts with SciPy and the reference's window construction
+  (so sums that are exact integers there stay exact) and ``floor``-ed; traced counts floor a
+  float32 smoothing. A bin truncated to 0 gets weight 0 (the
+  zero-density rule; the reference would divide by zero). Config: ``lds.truncate``.
   """
   if reweight not in REWEIGHTS:
     raise ValueError(f"reweight must be one of {REWEIGHTS}, got {reweight!r}")
@@ -301,7 +344,10 @@ def lds_bin_weights(counts: Array, reweight: str = "sqrt_inv", lds: bool = True,
     else:
       d = n
   if lds:
-    d = smooth_density(d, _resolve_kernel(kernel, ks, sigma, "max"))
+    if truncate_density and reweight == "inverse":
+      d = _truncated_smooth(d, kernel, ks, sigma)
+    else:
+      d = smooth_density(d, _resolve_kernel(kernel, ks, sigma, "max"))
   inv = _safe_div(1.0, d)  # zero-density rule: weight 0
   total = jnp.sum(n * inv)
   return inv * _safe_div(jnp.sum(n), total, 1.0)
@@ -309,17 +355,21 @@ def lds_bin_weights(counts: Array, reweight: str = "sqrt_inv", lds: bool = True,
 
 def lds_weights(targets: Array, bins: Array, reweight: str = "sqrt_inv", lds: bool = True,
                 kernel: str | Array = "gaussian", ks: int = 5, sigma: float = 2.0,
-                clip: tuple[float, float] | None = (5.0, 1000.0), mask: Array | None = None) -> Array:
+                clip: tuple[float, float] | None = (5.0, 1000.0), mask: Array | None = None,
+                truncate_density: bool = False) -> Array:
   """Per-example LDS weights ``w_i = w_{bin(y_i)}`` of a training set, float32 ``(N,)``, mean 1.
 
   ``lds_bin_weights(label_histogram(targets, bins, mask), ...)[bin_index(targets, bins)]``: the
   reference's per-sample ``weights`` list (DIR ``_prepare_weights``; Yang et al., ICML 2021), for
-  integer or float labels and any bin width. Masked rows get weight 0 and are not counted. In a
+  integer or float labels and any bin width. Masked rows get weight 0 and are not counted.
+  ``truncate_density``: the reference's integer truncation of the ``'inverse'`` LDS density (see
+  :func:`lds_bin_weights`; default off). In a
   train step, keep the ``(B,)`` table of :func:`lds_bin_weights` and look weights up per batch.
   """
   y = _f32(targets).reshape(-1)
   m = metrics.as_mask(mask, y.shape[0])
-  table = lds_bin_weights(label_histogram(y, bins, m), reweight, lds, kernel, ks, sigma, clip)
+  table = lds_bin_weights(label_histogram(y, bins, m), reweight, lds, kernel, ks, sigma, clip,
+                          truncate_density)
   return jnp.where(m, table[bin_index(y, bins)], 0.0)
 
 
@@ -448,9 +498,13 @@ def fds_update(state: FDSState, sums: FDSSums, momentum: float | None = 0.9,
   ``reference_lag=True`` reproduces the reference's timing instead: its ``_update_last_epoch_stats``
   smooths the running statistics *before* the epoch's update (from the second update on), while
   the normalising ``running_*_last_epoch`` buffers alias ``running_*`` and so see the update. Then
-  ``smoothed`` lags ``running`` by one epoch; with ``start_smooth = 2`` in the trainer this equals
-  the reference run with ``start_smooth = 1`` (whose epoch-1 recalibration is the identity).
-  ``center`` must be the one given to :func:`fds_batch_stats`.
+  ``smoothed`` lags ``running`` by one epoch. After the first update ``smoothed = running`` (the
+  reference's buffers are still the initial 0 / 1 then), so :func:`fds_calibrate` is the identity
+  in the following epoch exactly as the reference's first smoothing epoch, and the same
+  ``start_smooth`` reproduces the reference run. The DIR trainer's default is
+  ``fds.reference_lag=True`` (the reference's timing); ``False`` smooths the just-updated
+  statistics (no lag, the paper's description). ``center`` must be the one given to
+  :func:`fds_batch_stats`.
   """
   if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
     raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum}")
@@ -477,8 +531,10 @@ def fds_update(state: FDSState, sums: FDSSums, momentum: float | None = 0.9,
   run_mean = jnp.where(upd, (1.0 - f) * mean + f * state.running_mean, state.running_mean)
   run_var = jnp.where(upd, (1.0 - f) * var + f * state.running_var, state.running_var)
   if reference_lag:
-    sm_mean = jnp.where(first, state.smoothed_mean, fds_smooth(state.running_mean, k))
-    sm_var = jnp.where(first, state.smoothed_var, fds_smooth(state.running_var, k))
+    # First update: smoothed = running, so the next epoch's recalibration is the identity, as the
+    # reference's (its *_last_epoch buffers still hold the initial 0 / 1 then).
+    sm_mean = jnp.where(first, run_mean, fds_smooth(state.running_mean, k))
+    sm_var = jnp.where(first, run_var, fds_smooth(state.running_var, k))
   else:
     sm_mean, sm_var = fds_smooth(run_mean, k), fds_smooth(run_var, k)
   return FDSState(run_mean, run_var, sm_mean, sm_var, tracked, state.num_updates + 1)

@@ -609,3 +609,69 @@ def test_stateful_updates_are_batch_sums_under_sharding():
     out, new_st = jax.jit(L.apply)(jax.device_put(z, data), jax.device_put(y, data), COUNTS, st)
     _close(out, ref_out, tol=1e-5)
     jax.tree.map(lambda a, b: _close(a, b, tol=1e-5), new_st, ref_st)
+
+
+# ----------------------------------------------------------------------------- reference conventions
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0])
+def test_focal_ldam_drw_form_matches_reference_focal_with_weight(gamma):
+  """``form='ldam_drw'`` is ``kaidic/LDAM-DRW`` ``FocalLoss(weight=w)``; the default is the paper's.
+
+  Reference (re-derived in float64): ``x = w_y * CE`` (``F.cross_entropy(weight=w,
+  reduction='none')``), loss ``= mean((1 - exp(-x))^gamma * x)``. lt_jax's default ``form='paper'``
+  keeps the model's modulating factor ``w_y (1 - p_y)^gamma CE`` (Lin et al.; Cui et al.'s
+  weighting); the two differ whenever ``w_y != 1``.
+  """
+  z, y = _data(11)
+  w = _np_cb_weights(COUNTS, 0.9999)
+  ce = _np_ce(z, y)
+  x = w[y] * ce
+  ref = (1 - np.exp(-x)) ** gamma * x
+  paper = w[y] * (1 - np.exp(-ce)) ** gamma * ce
+  assert np.max(np.abs(ref - paper)) > 1e-3
+  _close(losses.focal_loss(z, y, gamma=gamma, weights=w, form="ldam_drw"), ref)
+  _close(losses.focal_loss(z, y, gamma=gamma, weights=w), paper)
+  # Registry: explicit vector and the effective-number scheme (no batch normalisation = plain mean).
+  for hp in (dict(weights=w), dict(weights="effective_number", beta=0.9999)):
+    loss = losses.make_loss("focal", gamma=gamma, form="ldam_drw", **hp)
+    per, _ = loss.apply(z, y, COUNTS, loss.init(C))
+    _close(per, ref)
+    _close(losses.reduce_mean(per), ref.mean())
+    per, _ = losses.make_loss("focal", gamma=gamma, **hp).apply(z, y, COUNTS, ())
+    _close(per, paper)
+  # Without weights both forms are the LDAM-DRW focal (1 - p)^gamma CE.
+  _close(losses.focal_loss(z, y, gamma=gamma, form="ldam_drw"), (1 - np.exp(-ce)) ** gamma * ce)
+  # DRW: unweighted (= paper form) before drw_start, the reference's weighted form after.
+  loss = losses.make_loss("focal", gamma=gamma, form="ldam_drw", weights=w, drw_start=1)
+  st = loss.init(C)
+  per0, st = loss.apply(z, y, COUNTS, st)
+  per1, _ = loss.apply(z, y, COUNTS, st)
+  _close(per0, (1 - np.exp(-ce)) ** gamma * ce)
+  _close(per1, ref)
+  g = jax.grad(lambda zz: losses.focal_loss(zz, y, gamma=0.5, weights=w, form="ldam_drw").sum())(z)
+  assert np.all(np.isfinite(g))
+  with pytest.raises(ValueError, match="form"):
+    losses.make_loss("focal", form="bogus")
+  with pytest.raises(ValueError, match="form"):
+    losses.focal_loss(z, y, form="bogus")
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 2.0])
+def test_logit_adjust_vs_official_floor(tau):
+  """lt_jax adds ``tau log pi`` (zero-count rule); google-research adds ``log(pi^tau + 1e-12)``.
+
+  Re-derived in float64: equal for observed classes (the floor is negligible), different for an
+  empty class (reference: ``log(1e-12)``; lt_jax: ``tau log(0.5 n_min / N')``).
+  """
+  z, _ = _data(12)
+  pi = COUNTS / COUNTS.sum()
+  ref = z.astype(np.float64) + np.log(pi ** tau + 1e-12)[None, :]
+  _close(losses.logit_adjust(z, COUNTS, tau), ref)
+  _close(losses.logit_adjust(z, pi, tau), ref)
+  counts0 = np.array([60, 30, 12, 4, 0])
+  ref0 = np.log((counts0 / counts0.sum()) ** tau + 1e-12)
+  got0 = np.asarray(losses.logit_adjust(np.zeros((1, C), np.float32), counts0, tau))[0]
+  safe = np.where(counts0 > 0, counts0, 2.0)
+  _close(got0, tau * np.log(safe / safe.sum()))
+  assert abs(got0[-1] - ref0[-1]) > 1.0

@@ -293,3 +293,37 @@ def test_bad_inputs_raise():
     M.auc_ovr(np.eye(3), y, average="micro")
   with pytest.raises(ValueError, match="train_counts"):
     M.shot_accuracy(M.confusion_matrix(y, y, 3), np.ones(4))
+
+
+def _np_shot_acc(preds, labels, train_counts, many=100, few=20):
+  """classifier-balancing ``utils.py:shot_acc`` semantics re-derived in NumPy (0.0 for an empty group)."""
+  groups = {"many": [], "medium": [], "few": []}
+  for c in np.unique(labels):
+    acc = np.mean(preds[labels == c] == c)
+    n = train_counts[c]
+    groups["many" if n > many else "few" if n < few else "medium"].append(acc)
+  return {g: float(np.mean(v if v else [0.0])) for g, v in groups.items()}
+
+
+def test_shot_accuracy_empty_fill_reproduces_reference_zero():
+  """Empty shot groups: lt_jax NaN by default; ``empty_fill=0.0`` gives the reference's 0.0.
+
+  The reference appends 0 to an empty group; lt_jax keeps NaN (an absent group is not a 0%
+  group) and exposes the fill value.
+  """
+  rng = np.random.default_rng(5)
+  train = np.array([5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50])  # CIFAR-10-LT: no few-shot class
+  y = rng.integers(0, 10, 300)
+  p = np.where(rng.uniform(size=300) < 0.7, y, rng.integers(0, 10, 300))
+  ref = _np_shot_acc(p, y, train)
+  assert ref["few"] == 0.0
+  cm = M.confusion_matrix(y, p, 10)
+  got = M.shot_accuracy(cm, train)
+  assert np.isnan(float(got["few"]))
+  for g in ("many", "medium"):
+    np.testing.assert_allclose(float(got[g]), ref[g], rtol=1e-6)
+  got0 = M.shot_accuracy(cm, train, empty_fill=0.0)
+  for g in ("many", "medium", "few"):
+    np.testing.assert_allclose(float(got0[g]), ref[g], rtol=1e-6, atol=1e-7)
+  got_j = jax.jit(lambda c: M.shot_accuracy(c, train, empty_fill=-1.0))(cm)
+  assert float(got_j["few"]) == -1.0

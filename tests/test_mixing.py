@@ -233,3 +233,33 @@ def test_jit_vmap_grad_safe():
   # gradient through the mixed images
   g = jax.grad(lambda im: jnp.sum(mixing.cutmix(key, im, y, C)[0] ** 2))(x)
   assert np.all(np.isfinite(g))
+
+
+def test_remix_per_example_rule_differs_from_bagoftricks_batch_mean():
+  """lt_jax's Remix loss is the paper's per-example rule, not BagofTricks-LT's batch-mean form.
+
+  Re-derived in float64: per-example ``mean_i(w_i CE_i(y_i) + (1 - w_i) CE_i(y_j))`` (Chou et al.;
+  lt_jax, via :func:`mixing.remix_targets`) and BagofTricks' ``combiner.remix`` with a mean-reducing
+  criterion ``mean(w) mean_i CE_i(y_i) + (1 - mean(w)) mean_i CE_i(y_j)``.
+  """
+  counts = np.array([500, 100, 20, 5])
+  y = np.array([0, 0, 1, 3, 2, 0])
+  perm = np.array([3, 2, 5, 0, 1, 4])  # pairs (0,3), (0,1), (1,0), (3,0), (2,0), (0,2)
+  lam = 0.3
+  w = np.asarray(mixing.remix_weights(jnp.asarray(y), jnp.asarray(perm), lam, jnp.asarray(counts)), np.float64)
+  assert np.ptp(w) > 0  # the rule fired for some pairs, not others
+  z = np.asarray(jax.random.normal(jax.random.key(4), (6, 4)), np.float64) * 2
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  ce_a, ce_b = -logp[np.arange(6), y], -logp[np.arange(6), y[perm]]
+  per_example = np.mean(w * ce_a + (1 - w) * ce_b)
+  batch_mean = w.mean() * ce_a.mean() + (1 - w.mean()) * ce_b.mean()
+  assert abs(per_example - batch_mean) > 1e-2
+  t = mixing.remix_targets(jnp.asarray(y), jnp.asarray(perm), lam, jnp.asarray(counts), 4)
+  got = losses.reduce_mean(losses.softmax_cross_entropy(jnp.asarray(z, jnp.float32), t))
+  np.testing.assert_allclose(got, per_example, rtol=1e-5)
+  got_bot = mixing.remix_batch_mean_loss(jnp.asarray(z, jnp.float32), jnp.asarray(y), jnp.asarray(perm), w)
+  np.testing.assert_allclose(got_bot, batch_mean, rtol=1e-5)
+  # Equal weights (plain Mixup): the two forms coincide.
+  same = mixing.remix_batch_mean_loss(jnp.asarray(z, jnp.float32), jnp.asarray(y), jnp.asarray(perm),
+                                      np.full(6, lam))
+  np.testing.assert_allclose(same, np.mean(lam * ce_a + (1 - lam) * ce_b), rtol=1e-5)

@@ -218,3 +218,46 @@ def test_jit_vmap_grad_safe():
   assert np.all(np.isfinite(g))
   g = jax.grad(lambda c: priors.class_weights(c, "effective_number").sum())(counts)
   assert np.all(np.isfinite(g))
+
+
+def _np_cb_weights(counts, beta):
+  """Class-Balanced weights as the reference computes them (float64 NumPy, sum C)."""
+  n = np.asarray(counts, np.float64)
+  w = (1.0 - beta) / (1.0 - np.power(beta, n))
+  return w / np.sum(w) * len(n)
+
+
+@pytest.mark.parametrize("beta", [0.9, 0.99, 0.999, 0.9999])
+@pytest.mark.parametrize("n_max,num_classes", [(5000, 10), (500, 100)])
+@pytest.mark.parametrize("ir", [100, 10])
+def test_class_weights_effective_number_float64_reference(beta, n_max, num_classes, ir):
+  """Effective-number weights equal the reference's float64 formula to 1e-6 relative.
+
+  lt_jax follows ``richardaecn/class-balanced-loss`` / LDAM-DRW (``np.power(beta, n)`` in
+  float64): weights are a function of the counts, so they are computed once on the host in
+  float64 from the Python beta; a float32 ``log(float32(beta))`` would be ~2e-5 off at 0.9999.
+  """
+  counts = priors.lt_counts(n_max, num_classes, ir)
+  want = _np_cb_weights(counts, beta)
+  for c in (counts, jnp.asarray(counts)):
+    got = np.asarray(priors.class_weights(c, "effective_number", beta=beta))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  # Closed-over counts under jit are concrete: the same float64 path.
+  got = jax.jit(lambda: priors.class_weights(jnp.asarray(counts), "effective_number", beta=beta))()
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  # Traced counts: float32 fallback with a float64-derived log(beta), still within 1e-6.
+  got = jax.jit(lambda c: priors.class_weights(c, "effective_number", beta=beta))(jnp.asarray(counts))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  e = jax.jit(lambda c: priors.effective_number(c, beta))(jnp.asarray(counts))
+  np.testing.assert_allclose(e, (1.0 - np.power(beta, counts.astype(np.float64))) / (1.0 - beta), rtol=1e-6)
+
+
+def test_class_weights_effective_number_float32_log_beta_is_off():
+  """The old float32 ``log(beta)`` misses the reference by more than the new tolerance."""
+  counts = priors.lt_counts(5000, 10, 100)
+  want = _np_cb_weights(counts, 0.9999)
+  n = jnp.asarray(counts, jnp.float32)
+  old = 1.0 / (-jnp.expm1(n * jnp.log(jnp.float32(0.9999))))
+  old = np.asarray(old / jnp.sum(old) * 10)
+  assert np.max(np.abs(old / want - 1)) > 1e-6

@@ -356,14 +356,21 @@ def test_fds_calibrate_against_numpy():
 
 
 def test_fds_reference_lag_reproduces_reference_module():
+  """``reference_lag=True`` (the DIR trainer's default) is the reference module's timing.
+
+  lt_jax follows the reference ``fds.py`` call order (``update_last_epoch_stats`` smooths the
+  previous epoch's running statistics before ``update_running_stats``): the calibration of every
+  epoch from ``start_smooth = 1`` on equals the NumPy float64 re-derivation, including the
+  identity in the first smoothing epoch.
+  """
   ref = NpRefFDS(B, D)
   st = R.fds_init(B, D)
   epochs = [(0, LAB0), (1, LAB1), (2, LAB0), (3, LAB1)]
   for e, (seed, lab) in enumerate(epochs):
     zt = _fds_epoch(100 + e, lab).astype(np.float64)  # a training batch of epoch e
-    if e == 1:  # the reference's first smoothing epoch is the identity ...
+    if e == 1:  # the reference's first smoothing epoch is the identity, and so is lt_jax's
       _close(ref.smooth(zt, lab), zt)
-    if e >= 2:  # ... so start_smooth = 2 with reference_lag=True reproduces it
+    if e >= 1:  # same start_smooth = 1 as the reference
       _close(J_calib(zt.astype(np.float32), lab, st), ref.smooth(zt, lab), rtol=1e-5, atol=1e-5)
     z = _fds_epoch(seed, lab)
     ref.end_of_epoch(e, z.astype(np.float64), lab)
@@ -570,3 +577,35 @@ def test_regression_metrics_random_against_reference_loop():
   assert float(J_summary(s0)["gm"]) == ref0 == 0.0
   s1 = J_sums(p0, y, R.bin_index(y, bins), 121)
   assert all(np.all(np.isfinite(np.asarray(a))) for a in s1) and float(J_summary(s1)["gm"]) > 0
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "triang", "laplace"])
+def test_lds_inverse_truncate_density_matches_int64_convolve1d(kind):
+  """``truncate_density=True`` reproduces the reference's int64 smoothing of ``'inverse'`` counts.
+
+  The reference keeps ``np.clip(counts, 5, 1000)`` as int64 and ``scipy.ndimage.convolve1d``
+  returns int64 (truncated), re-derived here with scipy on an int64 array. lt_jax's default keeps
+  the real-valued density (the paper's formula); the two differ.
+  """
+  y = np.minimum(120, _ages())
+  counts = np.bincount(y, minlength=121)
+  k = np_kernel(kind, 5, 2)
+  d_int = ndimage.convolve1d(np.clip(counts, 5, 1000).astype(np.int64), k, mode="constant")
+  assert d_int.dtype == np.int64
+  w = 1.0 / d_int[y].astype(np.float64)
+  want = w * len(w) / w.sum()
+  got = R.lds_weights(y.astype(np.float32), R.make_bins(0, 121, 1), reweight="inverse", kernel=kind,
+                      ks=5, sigma=2, truncate_density=True)
+  _close(got, want)
+  table = R.lds_bin_weights(counts, "inverse", True, kind, 5, 2.0, truncate_density=True)
+  wb = 1.0 / d_int.astype(np.float64)
+  _close(table, wb * counts.sum() / np.sum(counts * wb))
+  # Default: real-valued density (differs from the truncated one), as the float64 formula.
+  default = np.asarray(R.lds_bin_weights(counts, "inverse", True, kind, 5, 2.0))
+  d_real = ndimage.convolve1d(np.clip(counts, 5, 1000).astype(np.float64), k, mode="constant")
+  wr = 1.0 / d_real
+  _close(default, wr * counts.sum() / np.sum(counts * wr))
+  assert np.max(np.abs(default / np.asarray(table) - 1)) > 1e-3
+  # sqrt_inv densities are floats in the reference: the flag does not change them.
+  _close(R.lds_bin_weights(counts, "sqrt_inv", True, kind, 5, 2.0, truncate_density=True),
+         R.lds_bin_weights(counts, "sqrt_inv", True, kind, 5, 2.0))

@@ -196,6 +196,28 @@ def test_mix_batch_weights():
   assert steps.mix_batch(key, x, y, counts, _sc())[1] is None
 
 
+def test_focal_drw_recipe_is_the_ldam_drw_focal_loss():
+  """``loss=focal_drw``: LDAM-DRW's ``FocalLoss(weight=per_cls_weights)`` with DRW (gamma 1, CB 0.9999)."""
+  c = fashion_mnist_lt.get_config("epochs=4,loss=focal_drw")
+  assert (c.loss.name, c.loss.drw_epoch, c.model.head) == ("focal", 3.0, "linear")
+  hp = c.loss.hparams.to_dict()
+  assert hp == {"gamma": 1.0, "weights": "effective_number", "beta": 0.9999, "form": "ldam_drw",
+                "weight_norm": "none"}
+  assert fashion_mnist_lt.get_config("loss=focal").loss.hparams.to_dict() == {"gamma": 1.0}  # paper form
+  config_lib.validate(c)
+  loss = losses.make_loss(c.loss.name, drw_start=5, **hp)
+  counts = np.array([100, 40, 10, 3])
+  w = (1 - 0.9999) / (1 - 0.9999 ** counts.astype(np.float64))
+  w = w / w.sum() * 4
+  z = np.asarray(jax.random.normal(jax.random.key(1), (3, 4)), np.float64)
+  y = np.array([0, 3, 2])
+  ce = -(z - np.log(np.exp(z).sum(-1, keepdims=True)))[np.arange(3), y]
+  x = w[y] * ce
+  after, _ = loss.apply(jnp.asarray(z, jnp.float32), jnp.asarray(y), jnp.asarray(counts),
+                        {**loss.init(4), "step": jnp.int32(5)})
+  np.testing.assert_allclose(after, (1 - np.exp(-x)) * x, rtol=1e-5)
+
+
 def test_ldam_drw_recipe_defers_to_the_first_decay(tmp_path):
   c = fashion_mnist_lt.get_config("loss=ldam_drw")
   assert (c.loss.name, c.model.head, c.loss.drw_epoch) == ("ldam", "cosine", 12.0)

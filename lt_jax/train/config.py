@@ -36,7 +36,7 @@ BBN_MODELS = ("cnn", "resnet20", "resnet32", "resnet44", "resnet56")
 LOSS_ALIASES = {"la": "logit_adjusted", "bs": "balanced_softmax", "cb": "cb_softmax",
                 "wce": "weighted_ce", "ls": "label_smoothing"}
 # Named recipes that are a loss plus settings (set_loss).
-LOSS_RECIPES = ("ldam_drw", "wce_sqrt", "ce_drw")
+LOSS_RECIPES = ("ldam_drw", "focal_drw", "wce_sqrt", "ce_drw")
 SAMPLER_ALIASES = {"cb": "class_balanced", "class": "class_balanced", "balanced": "class_balanced",
                    "sqrt_balanced": "sqrt", "aware": "class_aware", "ib": "instance"}
 
@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(name="resnet32", head="linear", cosine_scale=16.0,
                                            dtype="float32"))
   c.model.bbn = False         # BBN two-branch model and two-sampler training (Zhou et al. 2020)
+  c.model.bbn_div_epoch = 0   # BBN alpha divisor T_div; 0: the reference rule (decoupled.bbn_div_epoch)
   # drw_epoch >= 0: deferred re-weighting, the loss's weights switch on at this epoch (-1: always)
   c.loss = ml_collections.ConfigDict(dict(name="ce", hparams=ml_collections.ConfigDict(), drw_epoch=-1.0))
   # defer_epochs > 0: deferred re-sampling (DRS), instance sampling before this epoch
@@ -203,10 +204,13 @@ def set_loss(c: ml_collections.ConfigDict, name: str) -> None:
   Recipes (:data:`LOSS_RECIPES`): ``ldam_drw`` is LDAM (cosine head) with Class-Balanced
   weights (beta 0.9999, normalised by the batch's weights) deferred to 80% of
   ``num_epochs`` (epoch 160 of 200, Cao et al., NeurIPS 2019); ``ce_drw`` the same with
-  CE; ``wce_sqrt`` weighted CE with ``(n_min / n_c)^(1/2)``. Set ``num_epochs`` first.
+  CE; ``focal_drw`` the same with LDAM-DRW's softmax focal (gamma 1) in its ``FocalLoss(weight=w)``
+  convention (``form='ldam_drw'``, batch mean without weight normalisation, see
+  ``losses.focal_loss``); ``wce_sqrt`` weighted CE with ``(n_min / n_c)^(1/2)``. Set ``num_epochs`` first.
   """
   recipe = name
-  name = {"ldam_drw": "ldam", "ce_drw": "ce", "wce_sqrt": "weighted_ce"}.get(name, LOSS_ALIASES.get(name, name))
+  name = {"ldam_drw": "ldam", "focal_drw": "focal", "ce_drw": "ce",
+          "wce_sqrt": "weighted_ce"}.get(name, LOSS_ALIASES.get(name, name))
   if name not in LOSS_DEFAULTS:
     raise ConfigError(f"unknown loss {name!r}; valid losses: {', '.join(LOSS_DEFAULTS)} "
                      f"(aliases: {', '.join(f'{k}={v}' for k, v in LOSS_ALIASES.items())}; "
@@ -214,8 +218,10 @@ def set_loss(c: ml_collections.ConfigDict, name: str) -> None:
   c.loss.name = name
   c.loss.hparams = ml_collections.ConfigDict(dict(LOSS_DEFAULTS[name]))
   c.loss.drw_epoch = -1.0
-  if recipe in ("ldam_drw", "ce_drw"):
+  if recipe in ("ldam_drw", "ce_drw", "focal_drw"):
     c.loss.hparams.update(weights="effective_number", beta=0.9999, weight_norm="batch")
+    if recipe == "focal_drw":  # LDAM-DRW FocalLoss(weight=w): w_y CE inside (1-exp(-.))^gamma, plain mean
+      c.loss.hparams.update(form="ldam_drw", weight_norm="none")
     first_decay = min(c.optim.decay_epochs, default=c.num_epochs) if c.optim.schedule == "step" else c.num_epochs
     c.loss.drw_epoch = float(first_decay if first_decay < c.num_epochs else 0.8 * c.num_epochs)
   if recipe == "wce_sqrt":

@@ -303,7 +303,8 @@ def _train_and_evaluate_regression(config, workdir: str, mesh, env) -> dict[str,
                  put_global(train_bins.astype(np.int32), rep))
   lc = config.lds
   bin_weights = put_global(np.asarray(regression.lds_bin_weights(
-      counts, lc.reweight, lc.enabled, lc.kernel, lc.ks, lc.sigma, tuple(lc.clip))), rep)
+      counts, lc.reweight, lc.enabled, lc.kernel, lc.ks, lc.sigma, tuple(lc.clip),
+      truncate_density=bool(lc.truncate))), rep)
   sc = steps.StepConfig(batch_size=config.batch_size, steps_per_epoch=spe, num_epochs=config.num_epochs,
                         sampler="instance", k_per_class=1, crop_pad=config.augment.crop_pad, flip=False,
                         mean=spec.mean, std=spec.std)
@@ -314,7 +315,7 @@ def _train_and_evaluate_regression(config, workdir: str, mesh, env) -> dict[str,
   if fc.enabled:
     fds_sums = make_fds_sums(model, spec, num_bins)
     fds_update = jax.jit(functools.partial(regression.fds_update, momentum=fc.momentum, kernel=fc.kernel,
-                                           ks=fc.ks, sigma=fc.sigma))
+                                           ks=fc.ks, sigma=fc.sigma, reference_lag=bool(fc.reference_lag)))
     fds_batches = fds_pass_batches(len(ds.train_targets), config.batch_size, config.seed)
 
     def fds_hook(state, step):  # after the last step of an epoch >= start_update: one FDS pass

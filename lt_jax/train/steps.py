@@ -57,6 +57,7 @@ class StepConfig(NamedTuple):
   remix_kappa: float = 3.0
   remix_tau: float = 0.5
   bbn: bool = False
+  bbn_div_epoch: int = 0  # BBN T_div; 0: decoupled.bbn_div_epoch(num_epochs), the reference rule
 
 
 def _instance_indices(key: jax.Array, step: jax.Array, n: int, sc: StepConfig) -> jax.Array:
@@ -164,7 +165,7 @@ def make_train_step(model, tx: optax.GradientTransformation, loss: losses_lib.Lo
     if rb is not None:  # BBN: reversed-sampler batch, cumulative alpha of the 1-based epoch
       x_rb = augment.random_crop_flip(jax.random.fold_in(jax.random.fold_in(key, 3), state.step), rb[0],
                                       pad=sc.crop_pad, flip=sc.flip)
-      alpha = decoupled.bbn_alpha(state.step // sc.steps_per_epoch + 1, sc.num_epochs)
+      alpha = decoupled.bbn_alpha(state.step // sc.steps_per_epoch + 1, sc.num_epochs, sc.bbn_div_epoch or None)
       kw = {"x_rb": augment.normalize(x_rb, sc.mean, sc.std), "alpha": alpha}
       labels2, w = rb[1], jnp.broadcast_to(alpha, labels.shape)
 

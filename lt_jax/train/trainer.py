@@ -251,7 +251,8 @@ def joint_spec(ctx: Context, workdir: str) -> StageSpec:
   c = ctx.config
   sc = _step_config(ctx, c.sampler.name, c.num_epochs, bn_train=True)
   sc = sc._replace(defer_epochs=int(c.sampler.defer_epochs), mix=c.mix.name, mix_alpha=float(c.mix.alpha),
-                   remix_kappa=float(c.mix.kappa), remix_tau=float(c.mix.tau), bbn=bool(c.model.bbn))
+                   remix_kappa=float(c.mix.kappa), remix_tau=float(c.mix.tau), bbn=bool(c.model.bbn),
+                   bbn_div_epoch=int(c.model.bbn_div_epoch))
   return StageSpec("joint", workdir, build_model(c, ctx.data.num_classes), make_loss(c, ctx.steps_per_epoch),
                    c.optim, c.num_epochs, sc, "all", c.to_dict())
 
