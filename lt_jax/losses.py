@@ -786,7 +786,8 @@ _SPECS: dict[str, _Spec] = {
     "cb_sigmoid": _Spec({"beta": 0.9999}, "cb",
                         _stateless(lambda z, y, pr, hp: sigmoid_cross_entropy(z, y)),
                         None, _no_step),
-    "cb_focal": _Spec({"beta": 0.9999, "gamma": 2.0}, "cb",
+    # gamma 0.5: the CB-Focal setting of Cui et al. 2019 tabulated by BagofTricks-LT (REFERENCE.md).
+    "cb_focal": _Spec({"beta": 0.9999, "gamma": 0.5}, "cb",
                       _stateless(lambda z, y, pr, hp: sigmoid_focal_loss(z, y, gamma=hp["gamma"])),
                       None, _no_step),
     "ldam": _Spec({"max_m": 0.5, "s": 30.0}, "optional",
@@ -821,6 +822,23 @@ _SPECS: dict[str, _Spec] = {
 }
 
 LOSSES: tuple[str, ...] = tuple(_SPECS)
+
+
+def default_hparams(name: str) -> dict[str, Any]:
+  """The hyper-parameters a run config carries for loss ``name``, with their registry defaults.
+
+  Every one is overridable as ``--config.loss.hparams.<key>=<value>``; hparams whose default is
+  ``None`` (per-class vectors such as focal's ``alpha``, generalised LA's ``delta``) are left out
+  (they are arrays when given). ``weighted_ce`` carries its weighting scheme, ``'inverse'``.
+  This is the only place loss defaults live: ``lt_jax.train.config`` reads it.
+  """
+  if name not in _SPECS:
+    raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(LOSSES)}")
+  spec = _SPECS[name]
+  out = {k: v for k, v in spec.defaults.items() if v is not None}
+  if spec.weighting == "required":
+    out["weights"] = "inverse"
+  return out
 
 # hparams every entry with class weighting accepts (besides the loss's own).
 _WEIGHT_HPARAMS = ("weights", "weight_kwargs", "weight_norm", "drw_start")
@@ -874,7 +892,7 @@ def make_loss(name: str, **hparams) -> Loss:
     ``focal`` (softmax, gamma=1.0, alpha=None per-class vector, form='paper' | 'ldam_drw': where
     class weights go, see :func:`focal_loss`); ``bce`` (sigmoid, summed);
     ``sigmoid_focal`` (gamma=2.0, alpha=None scalar or vector);
-  * ``cb_softmax`` / ``cb_sigmoid`` / ``cb_focal`` (beta=0.9999; cb_focal gamma=2.0): effective-
+  * ``cb_softmax`` / ``cb_sigmoid`` / ``cb_focal`` (beta=0.9999; cb_focal gamma=0.5): effective-
     number weights, need raw counts;
   * ``ldam`` (max_m=0.5, s=30.0); ``logit_adjusted`` (tau=1.0); ``balanced_softmax``;
     ``generalized_la`` (tau=1.0, or delta=(C, C) matrix; alpha=None (C,) vector);

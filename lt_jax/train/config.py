@@ -16,6 +16,7 @@ import math
 
 import ml_collections
 
+from lt_jax import losses as _losses
 from lt_jax import samplers as _samplers
 from lt_jax import models as _models
 from lt_jax.models import layers as _layers
@@ -40,26 +41,6 @@ LOSS_RECIPES = ("ldam_drw", "focal_drw", "wce_sqrt", "ce_drw")
 SAMPLER_ALIASES = {"cb": "class_balanced", "class": "class_balanced", "balanced": "class_balanced",
                    "sqrt_balanced": "sqrt", "aware": "class_aware", "ib": "instance"}
 
-# Default hyper-parameters per loss (REFERENCE.md section 3); the config carries them so
-# that each one is overridable as --config.loss.hparams.<name>=<value>.
-LOSS_DEFAULTS = {
-    "ce": {},
-    "weighted_ce": {"weights": "inverse"},
-    "label_smoothing": {"epsilon": 0.1},
-    "focal": {"gamma": 1.0},
-    "sigmoid_focal": {"gamma": 2.0},
-    "cb_softmax": {"beta": 0.9999},
-    "cb_sigmoid": {"beta": 0.9999},
-    "cb_focal": {"beta": 0.9999, "gamma": 0.5},
-    "ldam": {"max_m": 0.5, "s": 30.0},
-    "logit_adjusted": {"tau": 1.0},
-    "balanced_softmax": {},
-    "generalized_la": {},
-    "eql": {},
-    "seql": {},
-    "eqlv2": {},
-    "seesaw": {},
-}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -211,12 +192,12 @@ def set_loss(c: ml_collections.ConfigDict, name: str) -> None:
   recipe = name
   name = {"ldam_drw": "ldam", "focal_drw": "focal", "ce_drw": "ce",
           "wce_sqrt": "weighted_ce"}.get(name, LOSS_ALIASES.get(name, name))
-  if name not in LOSS_DEFAULTS:
-    raise ConfigError(f"unknown loss {name!r}; valid losses: {', '.join(LOSS_DEFAULTS)} "
+  if name not in _losses.LOSSES:
+    raise ConfigError(f"unknown loss {name!r}; valid losses: {', '.join(_losses.LOSSES)} "
                      f"(aliases: {', '.join(f'{k}={v}' for k, v in LOSS_ALIASES.items())}; "
                      f"recipes: {', '.join(LOSS_RECIPES)})")
   c.loss.name = name
-  c.loss.hparams = ml_collections.ConfigDict(dict(LOSS_DEFAULTS[name]))
+  c.loss.hparams = ml_collections.ConfigDict(_losses.default_hparams(name))
   c.loss.drw_epoch = -1.0
   if recipe in ("ldam_drw", "ce_drw", "focal_drw"):
     c.loss.hparams.update(weights="effective_number", beta=0.9999, weight_norm="batch")
@@ -277,7 +258,6 @@ def validate_optim(o: ml_collections.ConfigDict, num_epochs: float, where: str) 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """Rejects bad values with a message naming the valid choices."""
-  from lt_jax import losses  # local import: the registry is the source of truth
   validate_run_fields(c, num_devices)
   if c.dataset.get("source", "memory") != "memory":  # host input pipeline: configs/imagenet_lt.py, inat18.py
     from lt_jax.data import streaming  # the source names live with the pipeline
@@ -294,10 +274,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _choice(c.model.head, HEADS, "head")
   _choice(c.sampler.name, SAMPLERS, "sampler")
   _choice(c.model.dtype, ("float32", "bfloat16"), "model dtype")
-  if c.loss.name not in losses.LOSSES:
-    raise ConfigError(f"unknown loss {c.loss.name!r}; valid losses: {', '.join(losses.LOSSES)}")
+  if c.loss.name not in _losses.LOSSES:
+    raise ConfigError(f"unknown loss {c.loss.name!r}; valid losses: {', '.join(_losses.LOSSES)}")
   try:
-    losses.make_loss(c.loss.name, **c.loss.hparams.to_dict())
+    _losses.make_loss(c.loss.name, **c.loss.hparams.to_dict())
   except (TypeError, ValueError) as e:
     raise ConfigError(f"bad hyper-parameters for loss {c.loss.name!r}: {e}") from e
   if not (_finite(c.dataset.imbalance_ratio) and c.dataset.imbalance_ratio >= 1):
@@ -326,6 +306,23 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     if c.mix.name != "none":
       raise ConfigError("model.bbn and mix cannot be combined (BBN mixes features of two samplers)")
   validate_stages(c)
+  validate_evals(c)
+
+
+def validate_evals(c: ml_collections.ConfigDict) -> None:
+  """``config.evals`` entries: a known evaluator ``type`` and a split the dataset has."""
+  from lt_jax.train import evaluators  # the registry of evaluator types
+  streamed = c.dataset.get("source", "memory") != "memory"
+  if not len(c.evals):
+    raise ConfigError("config.evals is empty: a run needs at least one evaluator (its summary.json)")
+  for name, entry in c.evals.items():
+    _choice(entry.get("type"), tuple(evaluators.EVALUATORS), f"evals.{name}.type")
+    split = entry.get("split", "test")
+    _choice(split, ("test",) if streamed else ("train", "val", "test"), f"evals.{name}.split")
+    if split == "val" and c.dataset.get("val_per_class", 0) < 1:
+      raise ConfigError(f"evals.{name} reads the validation split: set dataset.val_per_class, e.g. 20")
+    if streamed and entry.type in evaluators.NEEDS_MEMORY:
+      raise ConfigError(f"evals.{name}: {entry.type} needs the dataset in memory")
 
 
 def stage_names(c: ml_collections.ConfigDict) -> list[str]:
@@ -347,9 +344,8 @@ def validate_stages(c: ml_collections.ConfigDict) -> None:
     s = c.stage[name]
     _choice(s.sampler, SAMPLERS, f"stage.{name}.sampler")
     validate_optim(s.optim, s.num_epochs, f"stage.{name}.optim")
-    set_loss_check = LOSS_ALIASES.get(s.loss, s.loss)
-    if set_loss_check not in LOSS_DEFAULTS:
-      raise ConfigError(f"unknown stage.{name}.loss {s.loss!r}; valid losses: {', '.join(LOSS_DEFAULTS)}")
+    if LOSS_ALIASES.get(s.loss, s.loss) not in _losses.LOSSES:
+      raise ConfigError(f"unknown stage.{name}.loss {s.loss!r}; valid losses: {', '.join(_losses.LOSSES)}")
     if int(s.num_epochs) < 1 or not s.optim.lr > 0:
       raise ConfigError(f"stage.{name} needs num_epochs >= 1 and optim.lr > 0")
   if ("lws" in names or "tau_norm" in names) and c.model.head != "linear":

@@ -262,7 +262,7 @@ def stage_spec(ctx: Context, name: str, workdir: str) -> StageSpec:
   c, s = ctx.config, ctx.config.stage[name]
   loss_name = config_lib.LOSS_ALIASES.get(s.loss, s.loss)
   head = "lws" if name == "lws" else c.model.head
-  loss = losses.make_loss(loss_name, **config_lib.LOSS_DEFAULTS[loss_name])
+  loss = losses.make_loss(loss_name, **losses.default_hparams(loss_name))
   num_outputs, logit_fn = ctx.data.num_classes, None
   if name == "bags":
     groups = jnp.asarray(decoupled.bags_groups(ctx.data.counts, tuple(s.bin_split)))
