@@ -3,12 +3,13 @@
 Pure functions (``jax.numpy``; jit-, vmap- and grad-safe unless marked host-side):
 
 * Stage wiring for decoupled training (Kang et al., ICLR 2020):
-  :func:`param_labels`, :func:`partitioned_optimizer`, :func:`reinit_head`.
+  :func:`param_labels` (for ``optax.partition``), :func:`reinit_head`.
   The heads themselves live in :mod:`lt_jax.heads` (``LinearHead`` for cRT, ``LWSHead`` +
   ``lws_from_linear`` for LWS, ``tau_norm_logits`` for tau-normalisation, ``ncm_centroids`` +
   ``ncm_logits`` for NCM); they are reused here, not duplicated.
-* BBN (Zhou et al., CVPR 2020): :func:`bbn_alpha`, :func:`bbn_loss` (the feature mixing
-  ``[2 alpha f_cb ; 2 (1 - alpha) f_rb]`` is in the model, ``lt_jax.models``).
+* BBN (Zhou et al., CVPR 2020): :func:`bbn_alpha`, :func:`bbn_div_epoch` (the feature mixing
+  ``[2 alpha f_cb ; 2 (1 - alpha) f_rb]`` is in the model, ``lt_jax.models``; the loss
+  ``alpha CE(z, y_cb) + (1 - alpha) CE(z, y_rb)`` is the train step's mixed-label rule).
 * BAGS group softmax as a classification head (Li et al., CVPR 2020):
   :func:`bags_groups` (host-side), :func:`group_softmax_num_outputs`,
   :func:`group_softmax_loss`, :func:`group_softmax_logits`, :func:`group_softmax_predict`.
@@ -18,13 +19,15 @@ Pure functions (``jax.numpy``; jit-, vmap- and grad-safe unless marked host-side
 
 Stage wiring (what a trainer does; REFERENCE.md §3):
 
-* joint stage: ``partitioned_optimizer(tx, params, 'all')`` (or plain ``tx``).
-* cRT: ``params = reinit_head(params, key, model, input_shape, train=False)``, then
-  ``partitioned_optimizer(tx, params, 'head')`` with a class-balanced sampler
-  (``lt_jax.samplers``).
+* freezing is optax's own partition: ``optax.partition({'trainable': tx, 'frozen':
+  optax.set_to_zero()}, param_labels(params, mode))`` (frozen leaves get exactly zero updates
+  and keep no optimiser state: ``set_to_zero`` has none and ``partition`` masks them out of
+  ``tx``'s state).
+* joint stage: plain ``tx`` (mode ``'all'``).
+* cRT: ``params = reinit_head(params, key, model, input_shape, train=False)``, then the
+  partition with mode ``'head'`` and a class-balanced sampler (``lt_jax.samplers``).
 * LWS: build the model with an ``LWSHead`` (``head='lws'``), load the trained linear head via
-  ``heads.lws_from_linear(params['head'])``, then ``partitioned_optimizer(tx, params,
-  'lws_scales')`` with a class-balanced sampler.
+  ``heads.lws_from_linear(params['head'])``, then the partition with mode ``'lws_scales'``.
 * tau-norm / post-hoc LA: collect validation and test logits (or features) once, run
   :func:`tau_norm_sweep` / :func:`posthoc_sweep` on both, choose the index with
   :func:`select_on_validation` on the validation scores, report the test scores at that index.
@@ -52,8 +55,8 @@ Array = jax.Array
 PyTree = Any
 
 __all__ = [
-    "TRAINABLE_MODES", "param_labels", "partitioned_optimizer", "reinit_head",
-    "bbn_alpha", "bbn_div_epoch", "bbn_loss",
+    "TRAINABLE_MODES", "param_labels", "reinit_head",
+    "bbn_alpha", "bbn_div_epoch",
     "bags_groups", "group_softmax_num_outputs", "group_softmax_loss", "group_softmax_logits",
     "group_softmax_predict",
     "posthoc_sweep", "tau_norm_sweep", "select_on_validation", "SELECTION_KEYS",
@@ -128,21 +131,6 @@ def param_labels(params: PyTree, trainable: str) -> PyTree:
     return "trainable" if ok else "frozen"
 
   return jax.tree_util.tree_map_with_path(label, params)
-
-
-def partitioned_optimizer(tx: optax.GradientTransformation, params: PyTree,
-                          trainable: str) -> optax.GradientTransformation:
-  """``optax.multi_transform({'trainable': tx, 'frozen': optax.set_to_zero()}, labels)``.
-
-  Labels from :func:`param_labels` (Kang et al., ICLR 2020 stage partition). Frozen leaves
-  get exactly zero updates (so ``optax.apply_updates`` leaves them bit-identical, whatever
-  ``tx`` does, weight decay included), and they cost no optimiser memory: ``set_to_zero``
-  has an empty state, and ``multi_transform`` gives ``tx`` a masked view in which frozen
-  leaves are ``optax.MaskedNode()`` placeholders, so e.g. momentum or Adam moments exist
-  only for trainable leaves. Build the state with ``opt.init(params)`` on the same tree.
-  """
-  labels = param_labels(params, trainable)
-  return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def reinit_head(params: PyTree, rng: Array, model: Any, input_shape: Sequence[int],
@@ -229,24 +217,6 @@ def bbn_alpha(epoch: int | Array, max_epoch: int, div_epoch: int | None = None) 
     raise ValueError(f"bbn_alpha: epoch is 1-based and must lie in [1, {max_epoch}], got {epoch}")
   t = jnp.asarray(epoch, jnp.float32)
   return (1.0 - jnp.square((t - 1.0) / jnp.float32(t_div))).astype(jnp.float32)
-
-
-def bbn_loss(logits: Array, labels_cb: Array, labels_rb: Array, alpha: float | Array) -> Array:
-  """BBN loss ``alpha CE(z, y_cb) + (1 - alpha) CE(z, y_rb)`` per example, ``(B,)`` float32.
-
-  Zhou et al., CVPR 2020 (``combiner.py`` ``bbn_mix``): ``z`` are the logits of the mixed
-  feature ``[2 alpha f_cb ; 2 (1 - alpha) f_rb]`` (the model's job), ``y_cb`` the labels of
-  the uniformly sampled batch, ``y_rb`` those of the reversed-sampler batch, ``alpha`` from
-  :func:`bbn_alpha` (scalar or ``(B,)``). Labels may be int or soft (B, C)
-  (:func:`lt_jax.losses.softmax_cross_entropy`). Reduce with ``losses.reduce_mean``.
-  """
-  a = jnp.asarray(alpha, jnp.float32)
-  return (a * losses.softmax_cross_entropy(logits, labels_cb)
-          + (1.0 - a) * losses.softmax_cross_entropy(logits, labels_rb))
-
-
-# =======================================================================================
-# BAGS group softmax.
 
 
 def bags_groups(counts: Array, bin_split: Sequence[float] = (10, 100, 1000)) -> np.ndarray:

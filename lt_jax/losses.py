@@ -37,6 +37,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 import jax
 import jax.numpy as jnp
+import optax
 
 from lt_jax import priors
 
@@ -58,7 +59,7 @@ __all__ = [
     "logit_adjusted_loss", "balanced_softmax_loss", "generalized_logit_adjusted_loss",
     "equalization_loss", "softmax_equalization_loss",
     "eqlv2_class_weights", "eqlv2_loss", "eqlv2_grad_stats",
-    "accumulate_label_counts", "seesaw_loss",
+    "seesaw_loss",
 ]
 
 
@@ -192,13 +193,12 @@ def sigmoid_binary_cross_entropy(logits: Array, labels: Array) -> Array:
   """Elementwise binary cross-entropy over one-hot (or soft) targets, shape (B, C).
 
   ``BCE_j = -y_j log sigma(z_j) - (1 - y_j) log sigma(-z_j)``, as PyTorch
-  ``binary_cross_entropy_with_logits(reduction='none')`` and ``optax.sigmoid_binary_cross_entropy``.
-  Not reduced over classes: sum it (:func:`sigmoid_cross_entropy`) or weight it first.
+  ``binary_cross_entropy_with_logits(reduction='none')``: this is ``optax.sigmoid_binary_cross_entropy``
+  on lt_jax's targets (hard labels or soft rows). Not reduced over classes: sum it
+  (:func:`sigmoid_cross_entropy`) or weight it first.
   """
   z = _check_logits(logits)
-  t = as_targets(labels, z.shape[-1])
-  pos, neg = _bce_terms(z, t)
-  return t * pos + (1.0 - t) * neg
+  return optax.sigmoid_binary_cross_entropy(z, as_targets(labels, z.shape[-1]))
 
 
 def logit_adjust(logits: Array, prior_or_counts: Array, tau: float = 1.0) -> Array:
@@ -514,15 +514,6 @@ def softmax_equalization_loss(logits: Array, labels: Array, prior_or_counts: Arr
   return jnp.sum(jnp.where(t > 0, t * (lse[:, None] - z), 0.0), axis=-1)
 
 
-def accumulate_label_counts(cum_counts: Array, labels: Array) -> Array:
-  """Running class counts ``N_c += sum_i y_ic`` (Seesaw's ``cum_samples``; padding adds 0).
-
-  A sum over the batch, hence correct for a batch sharded over devices under ``jit``.
-  """
-  cum = _f32(cum_counts)
-  return cum + jnp.sum(as_targets(labels, cum.shape[0]), axis=0)
-
-
 def seesaw_loss(logits: Array, labels: Array, prior_or_counts: Array | None = None, *,
                 cum_counts: Array | None = None, p: float = 0.8, q: float = 2.0,
                 eps: float = 1e-2) -> Array:
@@ -531,7 +522,7 @@ def seesaw_loss(logits: Array, labels: Array, prior_or_counts: Array | None = No
   Wang et al., "Seesaw Loss for Long-Tailed Instance Segmentation", CVPR 2021, as mmdet
   ``seesaw_loss.py``: mitigation ``S_ij = (N_j / N_i)^p`` if ``N_j < N_i`` else 1, with ``N`` the
   cumulative online counts clamped to >= 1 (pass the *already updated* ``cum_counts``, see
-  :func:`accumulate_label_counts`); compensation ``C_ij = (sigma_j / max(sigma_i, eps))^q`` when
+  the batch's label sums); compensation ``C_ij = (sigma_j / max(sigma_i, eps))^q`` when
   that ratio exceeds 1, else 1, with ``sigma`` the stop-gradient softmax. Computed in log space.
   ``cum_counts=None`` uses ``prior_or_counts`` (zero-count rule, ratios only) as static ``N``.
   Soft targets: ``sum_c y_c L(z, c)`` (O(B C^2) memory).
@@ -576,24 +567,15 @@ def sigmoid_focal_loss(logits: Array, labels: Array, prior_or_counts: Array | No
   """Sigmoid focal loss ``sum_j alpha_t (1 - p_t)^gamma BCE_j`` over one-hot targets, shape (B,).
 
   Lin et al., ICCV 2017: ``p_t = p y + (1 - p)(1 - y)``, ``alpha_t = alpha y + (1 - alpha)(1 - y)``
-  (``alpha`` scalar or per class; ``None``: no alpha balancing), as ``optax.sigmoid_focal_loss``
-  and BagofTricks' sigmoid focal loss, summed over classes. ``(1 - p_t)^gamma`` is
-  ``exp(gamma log(1 - p_t))`` with ``log(1 - p_t)`` from log-sigmoids, finite for every gamma >= 0.
+  (``alpha`` scalar or per class; ``None``: no alpha balancing): ``optax.sigmoid_focal_loss``
+  (which is also BagofTricks' sigmoid focal loss) on lt_jax's targets, summed over classes.
   Cui's prior-based bias initialisation of the classifier is a model concern, not done here.
   """
   if not gamma >= 0:
     raise ValueError(f"focal gamma must be >= 0, got {gamma}")
   z = _check_logits(logits)
   t = as_targets(labels, z.shape[-1])
-  pos, neg = _bce_terms(z, t)
-  bce = t * pos + (1.0 - t) * neg
-  # log(1 - p_t) = log(y sigma(-z) + (1 - y) sigma(z)), each branch only where its weight > 0.
-  a = jnp.where(t > 0, jnp.log(jnp.where(t > 0, t, 1.0)) - neg, _NEG)
-  b = jnp.where(t < 1, jnp.log(jnp.where(t < 1, 1.0 - t, 1.0)) - pos, _NEG)
-  loss = jnp.exp(gamma * jnp.logaddexp(a, b)) * bce
-  if alpha is not None:
-    al = _f32(alpha)
-    loss = loss * (t * al + (1.0 - t) * (1.0 - al))
+  loss = optax.sigmoid_focal_loss(z, t, alpha=None if alpha is None else _f32(alpha), gamma=gamma)
   return jnp.sum(loss, axis=-1) * _valid(t)
 
 

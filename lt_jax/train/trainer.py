@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from lt_jax import decoupled, heads, losses, metrics, priors, samplers
 from lt_jax.data import longtail
@@ -327,8 +328,9 @@ def fit(ctx: Context, spec: StageSpec, variables: Variables | None):
   tx = optim.make_optimizer(spec.optim, schedule)
   grad_mask = None
   if spec.trainable != "all":
-    tx = decoupled.partitioned_optimizer(tx, variables["params"], spec.trainable)
-    grad_mask = jax.tree.map(lambda l: l == "trainable", decoupled.param_labels(variables["params"], spec.trainable))
+    labels = decoupled.param_labels(variables["params"], spec.trainable)
+    tx = optax.partition({"trainable": tx, "frozen": optax.set_to_zero()}, labels)  # frozen: no state
+    grad_mask = jax.tree.map(lambda l: l == "trainable", labels)
   state = create_state(spec.model, tx, spec.loss, ctx.data.num_classes, ctx.data.image_shape, config.seed, mesh,
                        variables)
   update = steps.make_train_step(spec.model, tx, spec.loss, schedule, ctx.counts_dev, spec.step_config, mesh,
