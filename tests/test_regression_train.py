@@ -201,7 +201,7 @@ def test_balanced_mse_noise_scale_has_its_own_learning_rate():
     (lambda c: setattr(c.bins, "width", 0.0), "bins.width must be > 0"),
     (lambda c: setattr(c, "batch_size", 33), r"not divisible by the number of devices \(2\)"),
     (lambda c: setattr(c.dataset, "name", "csv"), "needs dataset.csv"),
-    (lambda c: setattr(c.model, "name", "vit"), "valid choices: resnet20"),
+    (lambda c: setattr(c.model, "name", "vit"), "valid choices: cnn, resnet20"),
     (lambda c: setattr(c, "task", "classification"), "task must be 'regression'"),
 ])
 def test_config_errors(mutate, message):

@@ -396,9 +396,10 @@ def regression_config() -> ml_collections.ConfigDict:
       name="mse", huber_beta=1.0, focal_kind="l1", focal_beta=0.2, focal_gamma=1.0,
       focal_activation="sigmoid", noise_sigma=8.0, learn_noise=True, sigma_lr=0.05))
   c.lds = ml_collections.ConfigDict(dict(reweight="none", enabled=False, kernel="gaussian", ks=5, sigma=2.0,
-                                         clip=(5.0, 1000.0)))
+                                         clip=(5.0, 1000.0), truncate=False))  # True: reference int64 density
   c.fds = ml_collections.ConfigDict(dict(enabled=False, kernel="gaussian", ks=5, sigma=2.0, momentum=0.9,
-                                         start_update=0, start_smooth=1, clip=(0.1, 10.0)))
+                                         start_update=0, start_smooth=1, clip=(0.1, 10.0),
+                                         reference_lag=True))  # True: the reference's one-epoch lag
   c.augment = ml_collections.ConfigDict(dict(crop_pad=2))
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, momentum=0.9, nesterov=False, weight_decay=0.0, schedule="cosine",
