@@ -21,12 +21,8 @@ classifier-balancing (``iNaturalist18_train.txt``, ``iNaturalist18_val.txt``:
 Variant keys: model=resnet50|resnext50, source=tfds|folder, loss, sampler, head, seed, stages, smoke.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import imagenet_lt  # noqa: E402
-from lt_jax.train import config as cfg  # noqa: E402
+from configs import imagenet_lt  # the package install (pip install -e .) makes configs importable
+from lt_jax.train import config as cfg
 
 
 def get_config(arg: str | None = None):

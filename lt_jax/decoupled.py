@@ -97,8 +97,8 @@ def param_labels(params: PyTree, trainable: str) -> PyTree:
 
   ``params`` is the ``'params'`` collection, plain (``{'head': ..., ...}``) or wrapped
   (``{'params': {...}}``); the head is the top-level submodule named ``'head'`` (what
-  :func:`lt_jax.models.layers.make_head` builds). Unlike :func:`heads.lws_param_labels`,
-  ``'lws_scales'`` ignores ``scales`` leaves outside the head. Pass only parameters, not
+  :func:`lt_jax.models.layers.make_head` builds); ``'lws_scales'`` ignores ``scales`` leaves
+  outside the head. Pass only parameters, not
   ``batch_stats``.
 
   Raises:
