@@ -203,7 +203,7 @@ def test_focal_drw_recipe_is_the_ldam_drw_focal_loss():
   hp = c.loss.hparams.to_dict()
   assert hp == {"gamma": 1.0, "weights": "effective_number", "beta": 0.9999, "form": "ldam_drw",
                 "weight_norm": "none"}
-  assert fashion_mnist_lt.get_config("loss=focal").loss.hparams.to_dict() == {"gamma": 1.0}  # paper form
+  assert fashion_mnist_lt.get_config("loss=focal").loss.hparams.to_dict() == {"gamma": 1.0, "form": "paper"}
   config_lib.validate(c)
   loss = losses.make_loss(c.loss.name, drw_start=5, **hp)
   counts = np.array([100, 40, 10, 3])
