@@ -15,13 +15,11 @@ NaN/inf check, progress accounting, and the final orbax checkpoint. Rounds alter
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
