@@ -103,10 +103,6 @@ class Context(NamedTuple):
   counts_dev: jax.Array
   env: loop.Env
 
-  @property
-  def log(self):
-    return self.env.log
-
 
 class StageSpec(NamedTuple):
   """One training stage: what trains, on what, for how long, and where it is recorded."""
@@ -209,7 +205,7 @@ def eval_context(ctx: Context, model, outputs=None, logit_fn=None) -> evaluators
   return evaluators.EvalContext(model=model, splits=d.splits, mesh=ctx.mesh, counts=d.counts,
                                 num_classes=d.num_classes, mean=d.mean, std=d.std,
                                 batch_size=ctx.config.eval_batch_size, block=ctx.env.block_each_step,
-                                log=ctx.log, outputs=outputs or evaluators.OutputCache(), logit_fn=logit_fn)
+                                log=ctx.env.log, outputs=outputs or evaluators.OutputCache(), logit_fn=logit_fn)
 
 
 def configured_evals(ctx: Context, model, logit_fn=None) -> list[tuple[str, evaluators.Evaluator, dict]]:
