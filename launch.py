@@ -17,6 +17,7 @@ or set ``LT_JAX_COORDINATOR_ADDRESS``, ``LT_JAX_NUM_PROCESSES``, ``LT_JAX_PROCES
 (any of these implies a multi-process run; ``LT_JAX_DISTRIBUTED=1`` forces one).
 """
 
+import errno
 import os
 import signal
 import sys
@@ -75,15 +76,14 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     return 2
   if dist is not None:
-    jax.distributed.initialize(**dist, initialization_timeout=_INIT_TIMEOUT.value)
+    _initialize_distributed(jax, dist, _INIT_TIMEOUT.value)
     if jax.process_index() == 0:
       print(f"lt_jax: jax.distributed with {jax.process_count()} processes, {jax.device_count()} devices "
             f"({jax.local_device_count()} per process)", flush=True)
-  from lt_jax.data.prepare import DataUnavailableError
+  from lt_jax.data.prepare import DataUnavailableError, DatasetFormatError
   from lt_jax.train.checkpoint import ResumeError
   from lt_jax.train.config import ConfigError
-  from lt_jax.data.dir_data import DatasetFormatError
-  from lt_jax.train.loop import Interrupted, NonFiniteLossError
+  from lt_jax.train.loop import CheckpointWriteError, Interrupted, NonFiniteLossError
   from lt_jax.train.workdir import WorkdirInUseError
   signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM stops like Ctrl-C: finish the save, resumable
   try:
@@ -94,8 +94,14 @@ def main(argv):
       from lt_jax.train.trainer import train_and_evaluate
       train_and_evaluate(config, _WORKDIR.value)
   except (ConfigError, DataUnavailableError, DatasetFormatError, ResumeError, NonFiniteLossError,
-          WorkdirInUseError) as e:  # user errors and stopped runs: one line, no traceback
+          WorkdirInUseError, CheckpointWriteError) as e:  # user errors and stopped runs: one line, no traceback
     print(f"error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:  # a full disk outside checkpointing (metrics, plots, summary)
+    if e.errno != errno.ENOSPC:
+      raise
+    print(f"error: no space left on device writing {e.filename or _WORKDIR.value}; the last checkpoint is intact: "
+          "free space and rerun the same command to resume", file=sys.stderr)
     return 2
   except Interrupted as e:
     print(str(e), file=sys.stderr)
@@ -103,6 +109,32 @@ def main(argv):
   except KeyboardInterrupt:  # outside the training loop (start-up, evaluation): nothing half-written
     print("interrupted; rerun the same command to resume", file=sys.stderr)
     return 130
+
+
+def _initialize_distributed(jax, dist: dict, timeout_s: int) -> None:
+  """``jax.distributed.initialize`` saying what it waits for; a process that never joins ends the
+  run after ``timeout_s`` with one ``error:`` line (exit 2) instead of the coordinator's C++ abort."""
+  import threading  # pylint: disable=g-import-not-at-top
+  if dist:
+    what = (f"{dist['num_processes']} processes at {dist['coordinator_address']} (this is process "
+            f"{dist['process_id']})")
+  else:
+    what = "the processes of this cluster (found by JAX: TPU pod, Slurm, MPI or GKE)"
+  print(f"lt_jax: waiting up to {timeout_s} s for {what}", file=sys.stderr, flush=True)
+  done = threading.Event()
+
+  def watchdog():
+    if not done.wait(timeout_s):
+      print(f"error: jax.distributed: not every process joined within {timeout_s} s (waiting for {what}); "
+            "start the same command with each --process_id, or raise --distributed_timeout",
+            file=sys.stderr, flush=True)
+      os._exit(2)  # pylint: disable=protected-access  (the coordination service threads cannot be joined)
+
+  threading.Thread(target=watchdog, daemon=True).start()
+  try:  # JAX's own deadline comes later: the watchdog's line is what the user sees
+    jax.distributed.initialize(**dist, initialization_timeout=timeout_s + 60)
+  finally:
+    done.set()
 
 
 def _raise_interrupt(signum, frame):

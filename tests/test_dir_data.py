@@ -199,3 +199,11 @@ def test_loader_errors(folder):
   np.savez(root / "float.npz", images=imgs.astype(np.float32))
   with pytest.raises(DatasetFormatError, match="must be uint8"):
     dir_data.load_regression_csv(short, arrays=str(root / "float.npz"))
+  (root / "garbage.npz").write_bytes(b"this is not a numpy archive at all")
+  np.save(root / "single.npy", imgs)
+  os.replace(root / "single.npy", root / "single.npz")
+  full = np.savez(root / "cut.npz", images=imgs) or (root / "cut.npz").read_bytes()
+  (root / "cut.npz").write_bytes(full[:len(full) // 2])
+  for name, why in (("garbage", "ValueError"), ("single", "not an .npz archive"), ("cut", "BadZipFile")):
+    with pytest.raises(DatasetFormatError, match=rf"{name}.npz: not a readable .npz of image arrays \(.*{why}"):
+      dir_data.load_regression_csv(short, arrays=str(root / f"{name}.npz"))

@@ -215,3 +215,23 @@ def test_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path):
       open(os.path.join(root, f), "wb").close()
   with pytest.raises(checkpoint.ResumeError, match=r"no readable checkpoint in .*: step\(s\) 2 cannot be read.*mv "):
     loop.train(_toy_run(tmp_path, bad_step=-1), _env(), report.MetricWriter(str(tmp_path), enabled=False))
+
+
+def test_full_disk_stops_with_one_clear_error_and_resumes_after(tmp_path, monkeypatch):
+  import errno
+  from lt_jax.train import checkpoint
+  save = checkpoint.save
+
+  def full_at_6(mngr, step, state, meta):
+    if step == 6:
+      raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "checkpoints" / "6"))
+    save(mngr, step, state, meta)
+  monkeypatch.setattr(checkpoint, "save", full_at_6)
+  writer = lambda: report.MetricWriter(str(tmp_path), enabled=False)
+  with pytest.raises(loop.CheckpointWriteError, match=r"cannot write the step-6 checkpoint of stage toy to .*checkpoints "
+                     r"\(no space left on device\); the last good checkpoint \(step 4\) is intact: free space and rerun"):
+    loop.train(_toy_run(tmp_path, bad_step=-1), _env(), writer())
+  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints")) == [2, 4]
+  monkeypatch.setattr(checkpoint, "save", save)  # space freed: the same run resumes from step 4
+  state, step = loop.train(_toy_run(tmp_path, bad_step=-1), _env(), writer())
+  assert step == 10 and float(state.params["w"][0]) == 10.0

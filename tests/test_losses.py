@@ -567,10 +567,10 @@ def test_registry_finite_at_extremes_bf16_and_zero_counts(name):
   L = _entry(name)
   r = _rng(60)
   y = r.integers(0, C, size=B).astype(np.int32)
-  z_ext = (1e4 * np.sign(r.normal(size=(B, C)))).astype(np.float32)
-  z_ext[0, y[0]] = 1e4      # confidently right
-  z_ext[1, :] = 1e4
-  z_ext[1, y[1]] = -1e4     # confidently wrong
+  z_ext = (1e30 * np.sign(r.normal(size=(B, C)))).astype(np.float32)
+  z_ext[0, y[0]] = 1e30     # confidently right
+  z_ext[1, :] = 1e30
+  z_ext[1, y[1]] = -1e30    # confidently wrong
   zero_counts = COUNTS.copy()
   zero_counts[2] = 0
   st = _warm_state(L, *_data(61))

@@ -120,3 +120,14 @@ def test_two_processes_equal_one_process(tmp_path):
   assert int(sa["step"]) == int(sb["step"]) == 5
   for x, y in zip(jax.tree.leaves(sa["params"]), jax.tree.leaves(sb["params"])):
     np.testing.assert_allclose(y, x, atol=5e-5, rtol=1e-4)
+
+
+def test_a_process_that_never_joins_gives_one_error_line(tmp_path):
+  port = _free_port()
+  p = _start(tmp_path, 1, [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=0",
+                           "--distributed_timeout=5"])
+  out = p.communicate(timeout=PROCESS_TIMEOUT_S)[0]
+  assert p.returncode == 2, out[-3000:]
+  assert f"lt_jax: waiting up to 5 s for 2 processes at 127.0.0.1:{port} (this is process 0)" in out
+  last = out.strip().splitlines()[-1]
+  assert last.startswith("error: jax.distributed: not every process joined within 5 s") and "Traceback" not in out

@@ -54,6 +54,42 @@ def test_split_file_errors(tmp_path):
     imf.ImageFolderSource(tmp_path, "a.txt", num_classes=2)
 
 
+def test_image_folder_faults_are_data_errors_naming_the_file(fixture, tmp_path):
+  """A missing or empty list, bad labels, a missing, corrupt or truncated image: one DatasetFormatError
+  (or DataUnavailableError) naming the file; a bad image stops the run (no skip: exact resume)."""
+  from lt_jax.data.prepare import DataUnavailableError, DatasetFormatError
+  root = tmp_path
+  (root / "ok").mkdir()
+  good = open(os.path.join(fixture.root, "train/000/0000.jpg"), "rb").read()
+  (root / "ok/a.jpg").write_bytes(good)
+  (root / "ok/corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg" * 10)
+  (root / "ok/cut.jpg").write_bytes(good[:len(good) // 3])
+  lists = {"empty.txt": "\n\n", "neg.txt": "ok/a.jpg -1\n", "train.txt": "ok/a.jpg 0\nok/a.jpg 1\n",
+           "big.txt": "ok/a.jpg 0\nok/a.jpg 99\n",
+           "imgs.txt": "ok/a.jpg 0\nok/missing.jpg 1\nok/corrupt.jpg 0\nok/cut.jpg 1\n"}
+  for name, text in lists.items():
+    (root / name).write_text(text)
+  with pytest.raises(DataUnavailableError, match="split file .*nope.txt not found"):
+    imf.ImageFolderSource(root, "nope.txt")
+  with pytest.raises(DatasetFormatError, match="empty.txt: the split file lists no images"):
+    imf.ImageFolderSource(root, "empty.txt")
+  with pytest.raises(DatasetFormatError, match=r"neg.txt:1: expected .*got 'ok/a.jpg -1'"):
+    imf.ImageFolderSource(root, "neg.txt")
+  train = imf.ImageFolderSource(root, "train.txt")
+  with pytest.raises(DatasetFormatError, match=r"big.txt: label 99 \(image 2 of the list\) needs num_classes > 99, got 2"):
+    imf.ImageFolderSource(root, "big.txt", train.num_classes)
+  src = imf.ImageFolderSource(root, "imgs.txt")
+  t = st.Transform(kind="center_crop", size=16).validate()
+  assert st.decode_example(src, 0, t, None).shape == (16, 16, 3)
+  with pytest.raises(DatasetFormatError, match=r"imgs.txt: listed image .*ok/missing.jpg cannot be read \(FileNotFound"):
+    st.decode_example(src, 1, t, None)
+  for i, name in ((2, "corrupt"), (3, "cut")):
+    with pytest.raises(DatasetFormatError, match=rf"image .*ok/{name}.jpg cannot be decoded .*rerun to resume"):
+      st.decode_example(src, i, t, None)
+  with pytest.raises(DatasetFormatError, match="missing.jpg"):  # through the pipeline's worker threads
+    list(st.eval_batches(src, t, 2))
+
+
 def test_tfds_source_reads_array_record_build(fixture, source, tmp_path):
   imf.build_tfds_fixture(fixture, tmp_path / "tfds")
   ts = st.TfdsSource("lt_fixture", "train", tmp_path / "tfds")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -171,12 +172,49 @@ def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(mock_tfds, tmp_path
     (lambda c: setattr(c.dataset, "subset_seed", -1), "dataset.subset_seed must be >= 0"),
     (lambda c: setattr(c.augment, "crop_pad", -1), "augment.crop_pad must be >= 0"),
     (lambda c: setattr(c, "host_sync", "sometimes"), "valid choices: auto, always, never"),
+    (lambda c: setattr(c.dataset, "data_dir", __file__), "dataset.data_dir=.* is a file, not a directory"),
 ])
 def test_config_validation_errors(mutate, message):
   c = fashion_mnist_lt.get_config()
   mutate(c)
   with pytest.raises(ValueError, match=message):
     config_lib.validate(c, num_devices=2)
+
+
+def test_dir_fixture_and_workdir_errors(tmp_path):
+  from configs import fashion_mnist_dir, imagenet_lt
+  from lt_jax.train import workdir
+  for key, value, message in (("max_angle", 1, r"dataset.max_angle must be an int in \[2, 360\]"),
+                              ("imbalance_ratio", 1e9, r"dataset.imbalance_ratio must be in \[1, n_max=400\]")):
+    c = fashion_mnist_dir.get_config()
+    c.dataset[key] = value
+    with pytest.raises(config_lib.ConfigError, match=message):
+      config_lib.validate_regression(c)
+  c = imagenet_lt.get_config("smoke")
+  c.dataset.num_classes = 5
+  with pytest.raises(config_lib.ConfigError, match="dataset.num_classes=5 but the generated fixture has "
+                                                   "dataset.fixture.num_classes=12"):
+    config_lib.validate(c)
+  with pytest.raises(config_lib.ConfigError, match="--workdir is empty"):
+    workdir.check("")
+  (tmp_path / "f").write_text("")
+  with pytest.raises(config_lib.ConfigError, match="exists and is not a directory"):
+    workdir.check(str(tmp_path / "f"))
+
+
+def test_a_second_process_on_a_locked_workdir_refuses_at_once(tmp_path):
+  holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom lt_jax.train import workdir\n"
+                             f"with workdir.locked({str(tmp_path)!r}):\n  print('held', flush=True)\n  time.sleep(120)"],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    proc = subprocess.run([sys.executable, "launch.py", "--config=configs/fashion_mnist_lt.py:smoke",
+                           f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  finally:
+    holder.kill()
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip() == f"error: workdir {tmp_path} is in use by pid {holder.pid} on host " \
+      f"{socket.gethostname()}; wait for that run or use another --workdir", proc.stderr[-2000:]
 
 
 def test_num_devices_errors():

@@ -41,20 +41,17 @@ import hashlib
 import json
 import math
 import os
+import zipfile
 from typing import NamedTuple
 
 import numpy as np
 
-from lt_jax.data.prepare import DataUnavailableError, resolve_data_dir
+from lt_jax.data.prepare import DataUnavailableError, DatasetFormatError, resolve_data_dir  # noqa: F401  (re-exported)
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"valid": "val", "validation": "val", "dev": "val", "training": "train", "testing": "test"}
 TARGET_COLUMNS = ("target", "age", "label", "y")
 _CACHE_FORMAT = "v1"  # bump when the construction below changes
-
-
-class DatasetFormatError(ValueError):
-  """A user-supplied regression dataset is malformed (columns, values, images)."""
 
 
 class RegressionDataset(NamedTuple):
@@ -294,13 +291,19 @@ def _images_from_npz(arrays: str, key: str, rows, columns, index_col: str, csv_p
                      channels: int | None) -> np.ndarray:
   if not os.path.isfile(arrays):
     raise DataUnavailableError(f"image arrays not found: {arrays}")
-  with np.load(arrays) as z:
-    keys = list(z.keys())
-    if key not in keys:
-      if len(keys) != 1:
+  try:
+    z = np.load(arrays, allow_pickle=False)
+    if not isinstance(z, np.lib.npyio.NpzFile):
+      raise ValueError(f"a single {type(z).__name__}, not an .npz archive")
+    with z:
+      keys = list(z.keys())
+      if key not in keys and len(keys) != 1:
         raise DatasetFormatError(f"{arrays}: no array {key!r}; arrays in the file: {keys}")
-      key = keys[0]
-    images = np.asarray(z[key])
+      key = key if key in keys else keys[0]
+      images = np.asarray(z[key])
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # garbage, truncated, pickled objects
+    raise DatasetFormatError(f"{arrays}: not a readable .npz of image arrays ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]})") from None
   if images.ndim == 3:
     images = images[..., None]
   if images.ndim != 4 or images.dtype != np.uint8:

@@ -21,13 +21,15 @@ from typing import NamedTuple
 
 import numpy as np
 
+from lt_jax.data.prepare import DataUnavailableError, DatasetFormatError
+
 
 def read_split_file(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
   """Parses a split list: one ``relative/path label`` per line -> ``(paths, labels int32)``.
 
   Blank lines are skipped. The path may contain spaces (the label is the last
   whitespace-separated field). A line without an integer label, or a negative label,
-  raises ``ValueError`` naming the file and the line number.
+  raises ``DatasetFormatError`` (a ``ValueError``) naming the file and the line number.
   """
   paths, labels = [], []
   with open(path, encoding="utf-8") as f:
@@ -41,11 +43,12 @@ def read_split_file(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
       except ValueError:
         y = -1
       if not rel.strip() or y < 0:
-        raise ValueError(f"{path}:{lineno}: expected 'relative/path.jpg <non-negative int label>', got {line!r}")
+        raise DatasetFormatError(f"{path}:{lineno}: expected 'relative/path.jpg <non-negative int label>', "
+                                 f"got {line!r}")
       paths.append(rel.strip())
       labels.append(y)
   if not paths:
-    raise ValueError(f"{path}: the split file lists no images")
+    raise DatasetFormatError(f"{path}: the split file lists no images")
   return paths, np.asarray(labels, np.int32)
 
 
@@ -68,20 +71,31 @@ class ImageFolderSource:
     if not os.path.isabs(split_file) and not os.path.exists(split_file):
       split_file = os.path.join(self.root, split_file)
     if not os.path.isfile(split_file):
-      raise FileNotFoundError(f"split file {split_file} not found (lines 'relative/path.jpg label')")
+      raise DataUnavailableError(f"split file {split_file} not found (lines 'relative/path.jpg label')")
     self.split_file = split_file
     self.paths, self.labels = read_split_file(split_file)
     top = int(self.labels.max()) + 1
     self.num_classes = top if num_classes is None else int(num_classes)
     if self.num_classes < top:
-      raise ValueError(f"{split_file}: label {top - 1} needs num_classes > {top - 1}, got {self.num_classes}")
+      line = 1 + int(np.argmax(self.labels == top - 1))
+      raise DatasetFormatError(f"{split_file}: label {top - 1} (image {line} of the list) needs num_classes > "
+                               f"{top - 1}, got {self.num_classes}")
 
   def __len__(self) -> int:
     return len(self.paths)
 
   def load(self, i: int) -> bytes:
-    with open(os.path.join(self.root, self.paths[i]), "rb") as f:
-      return f.read()
+    path = os.path.join(self.root, self.paths[i])
+    try:
+      with open(path, "rb") as f:
+        return f.read()
+    except OSError as e:
+      raise DatasetFormatError(f"{self.split_file}: listed image {path} cannot be read "
+                               f"({type(e).__name__}: {e.strerror or e})") from None
+
+  def describe(self, i: int) -> str:
+    """Where example ``i`` comes from (for error messages)."""
+    return os.path.join(self.root, self.paths[i])
 
   def __repr__(self) -> str:
     return f"ImageFolderSource({self.split_file!r}, {len(self)} images, {self.num_classes} classes)"

@@ -73,6 +73,10 @@ class DataUnavailableError(RuntimeError):
   """The requested data is neither prepared nor obtainable here (no hang, no retry)."""
 
 
+class DatasetFormatError(ValueError):
+  """User-supplied data is malformed: a split list, a CSV, an image or an array file (file and line named)."""
+
+
 def default_data_dir() -> str:
   """tfds's default data folder: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``."""
   return os.path.expanduser(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")

@@ -70,8 +70,8 @@ from lt_jax.data.host_samplers import (  # noqa: F401
     progressive_probs, reversed_probs, sharding_rows)
 from lt_jax.data.stream_sources import STREAM_SOURCES, Source, TfdsSource, open_sources  # noqa: F401
 from lt_jax.data.transforms import (  # noqa: F401
-    TRANSFORMS, Plan, Transform, _open_image, _resized_box, apply_transform, center_crop_box, image_size,
-    plan_transform, random_resized_crop_box, transforms_from_config)
+    TRANSFORMS, Plan, Transform, _open_image, _resized_box, apply_transform, center_crop_box, decode_example,
+    image_size, plan_transform, random_resized_crop_box, transforms_from_config)
 from lt_jax.samplers import SAMPLERS  # noqa: F401  (the one sampler vocabulary)
 
 
@@ -129,7 +129,7 @@ class StreamingPipeline:
 
   def _example(self, step: int, row: int, i: int) -> np.ndarray:
     rng = _rng(self.seed, _TAG_AUG, step, row) if self.transform.train else None
-    return apply_transform(self.source.load(i), self.transform, rng)
+    return decode_example(self.source, i, self.transform, rng)
 
   def _assemble(self, step: int, idx: np.ndarray, images: list[np.ndarray]) -> Batch:
     return Batch(step, np.stack(images), self.labels[idx], np.ones(len(idx), bool))
@@ -191,7 +191,7 @@ def eval_batches(source: Source, transform: Transform, batch_size: int, *, rows:
     pos = np.arange(s * batch_size + lo, s * batch_size + hi)
     valid = pos < n
     idx = np.where(valid, pos, 0)
-    return s, idx, valid, [pool.submit(lambda i: apply_transform(source.load(i), transform, None), int(i))
+    return s, idx, valid, [pool.submit(decode_example, source, int(i), transform, None)
                            for i in idx]
 
   pending: collections.deque = collections.deque()

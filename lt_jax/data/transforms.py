@@ -20,6 +20,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from lt_jax.data.prepare import DatasetFormatError
+
 TRANSFORMS = ("random_resized_crop", "pad_crop", "center_crop", "resize")
 
 
@@ -175,6 +177,22 @@ def apply_transform(data: bytes | np.ndarray, t: Transform, rng: np.random.Gener
   if p.flip:
     out = out[:, ::-1]
   return np.ascontiguousarray(out)
+
+
+def decode_example(source, i: int, t: Transform, rng: np.random.Generator | None) -> np.ndarray:
+  """``apply_transform(source.load(i), ...)``; a corrupt or truncated image stops the run.
+
+  lt_jax stops (``DatasetFormatError`` naming the file) rather than skip-and-count: skipping
+  would change the batches a step sees and break the exact-resume guarantee. Fix or remove
+  the file (and its split-list line) and rerun; the run resumes from its last checkpoint.
+  """
+  data = source.load(i)
+  try:
+    return apply_transform(data, t, rng)
+  except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, "image file is truncated"
+    where = source.describe(i) if hasattr(source, "describe") else f"example {i} of {source!r}"
+    raise DatasetFormatError(f"image {where} cannot be decoded ({type(e).__name__}: {e}); fix or remove it "
+                             "and rerun to resume") from None
 
 
 def transforms_from_config(c) -> tuple[Transform, Transform]:

@@ -18,7 +18,8 @@ Conventions (shared by every function here)
 
 * ``logits`` (B, C), float32 or bfloat16; computed in float32 internally, returned float32.
   All softmax/sigmoid terms use ``log_softmax`` / ``logsumexp`` / ``log_sigmoid`` forms, so values
-  and gradients stay finite for ``|logits|`` up to 1e4 (and beyond).
+  and gradients stay finite (also under ``jit``) for float32 ``|logits|`` up to 1e30;
+  logits holding ±inf give NaN (the train step's finiteness check stops such a run).
 * ``labels``: int (B,) class indices or float (B, C) soft targets (rows sum to 1, e.g. Mixup).
   Softmax-family losses are *target-weighted*: ``-sum_c y_c log p_c`` (for pairwise losses,
   Seesaw and the generalised LA loss, the exact mixture ``sum_c y_c L(z, c)``).

@@ -91,14 +91,15 @@ def _log1m_softmax(z: Array) -> Array:
   """``log(1 - softmax(z))`` elementwise, accurate and finite even when ``p -> 1``.
 
   For the arg-max class ``log(1 - p) = logsumexp_{k != c} z_k - logsumexp z`` (no cancellation);
-  every other class has ``p <= 1/2`` and uses ``log1p(-p)``.
+  every other class has ``p <= 1/2`` and uses ``log1p(-p)`` (clamped at 1/2 against rounding).
   """
   C = z.shape[-1]
   is_top = jax.nn.one_hot(jnp.argmax(z, axis=-1), C, dtype=jnp.bool_)
   lse = jax.nn.logsumexp(z, axis=-1)
   others = jax.nn.logsumexp(jnp.where(is_top, _NEG, z), axis=-1)
   log1m_top = (others - lse)[:, None]
-  p_rest = jnp.where(is_top, 0.0, jnp.exp(z - lse[:, None]))
+  # Non-top classes have p <= 1/2; at |z| ~ 1e30 the rounded lse can make a tied class's p read 1.
+  p_rest = jnp.where(is_top, 0.0, jnp.minimum(jnp.exp(z - lse[:, None]), 0.5))
   return jnp.where(is_top, log1m_top, jnp.log1p(-p_rest))
 
 
@@ -381,7 +382,12 @@ def ldam_loss(logits: Array, labels: Array, prior_or_counts: Array, *, max_m: fl
   """
   _require_prior(prior_or_counts, "ldam_loss")
   m = ldam_margins(prior_or_counts, max_m)
-  loss = softmax_cross_entropy(s * apply_margin(logits, labels, m), labels)
+  z = apply_margin(logits, labels, m)
+  # Shift before scaling (softmax is shift-invariant, so value and gradient are unchanged): XLA
+  # contracts ``s * z - max(s * z)`` into a fused multiply-add under jit, whose unrounded residual
+  # overflows ``exp`` once ``|s z|`` reaches ~1e10. ``s * (z - max z)`` is <= 0 and exact at any size.
+  z = z - jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+  loss = softmax_cross_entropy(s * z, labels)
   return loss if weights is None else class_weighting(loss, labels, weights)
 
 

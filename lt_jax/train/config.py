@@ -13,6 +13,7 @@ steps, where N is the number of long-tailed training examples.
 from __future__ import annotations
 
 import math
+import os
 
 import ml_collections
 
@@ -243,6 +244,12 @@ def validate_run_fields(c: ml_collections.ConfigDict, num_devices: int = 1) -> N
   _choice(c.host_sync, HOST_SYNC, "host_sync")
 
 
+def validate_data_dir(data_dir: str) -> None:
+  """``dataset.data_dir`` is empty (tfds's default) or a directory (created if missing)."""
+  if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise ConfigError(f"dataset.data_dir={data_dir!r} is a file, not a directory (the tfds data directory)")
+
+
 def validate_optim(o: ml_collections.ConfigDict, num_epochs: float, where: str) -> None:
   _choice(o.schedule, SCHEDULES, f"{where}.schedule")
   _choice(o.name, ("sgd", "adamw"), f"{where}.name")
@@ -267,8 +274,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
       raise ConfigError(f"not available for streamed datasets: {', '.join(unsupported)} (they need the "
                         "dataset in memory); streamed datasets support "
                         f"the joint stage and the training stages {', '.join(TRAIN_STAGES)}")
+    if c.dataset.source == "fixture" and c.dataset.num_classes != c.dataset.fixture.num_classes:
+      raise ConfigError(f"dataset.num_classes={c.dataset.num_classes} but the generated fixture has "
+                        f"dataset.fixture.num_classes={c.dataset.fixture.num_classes} classes; set "
+                        "dataset.fixture.num_classes (the smoke data is generated from it)")
   else:
     _choice(c.dataset.name, DATASETS, "dataset")
+  validate_data_dir(c.dataset.get("data_dir", ""))
   _choice(c.dataset.profile, PROFILES, "long-tail profile")
   _choice(c.model.name, MODELS, "model")
   _choice(c.model.head, HEADS, "head")
@@ -466,6 +478,13 @@ def validate_regression(c: ml_collections.ConfigDict, num_devices: int = 1) -> N
   if c.fds.start_update < 0 or c.fds.start_smooth < 0:
     raise ConfigError(f"fds.start_update and fds.start_smooth must be >= 0, got {c.fds.start_update}, "
                       f"{c.fds.start_smooth}")
+  if d.name == "rotated_fashion_mnist":
+    if not isinstance(d.max_angle, int) or not 2 <= d.max_angle <= 360:
+      raise ConfigError(f"dataset.max_angle must be an int in [2, 360] (one bin per degree), got {d.max_angle!r}")
+    if not (_finite(d.imbalance_ratio) and 1 <= d.imbalance_ratio <= d.n_max):
+      raise ConfigError(f"dataset.imbalance_ratio must be in [1, n_max={d.n_max}] (the rarest angle bin gets "
+                        f"n_max / imbalance_ratio >= 1 training images), got {d.imbalance_ratio}")
+  validate_data_dir(d.get("data_dir", ""))
   lo, hi = c.fds.clip
   if not 0 < lo <= hi:
     raise ConfigError(f"fds.clip must be (lo, hi) with 0 < lo <= hi, got {tuple(c.fds.clip)}")

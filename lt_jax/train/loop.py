@@ -23,6 +23,7 @@ PLATFORM.md's deadlock needs it (several emulated CPU devices: queued all-reduce
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import time
@@ -39,6 +40,33 @@ HOST_SYNC = ("auto", "always", "never")
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss, gradient or parameters became NaN or inf; the last good checkpoint is kept."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (e.g. the disk is full); the previous checkpoint is intact."""
+
+
+def _no_space(e: BaseException) -> bool:
+  while e is not None:
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+@contextlib.contextmanager
+def _writing_checkpoint(mngr, step: int, name: str):
+  """Turns a failed (possibly asynchronous) orbax write into one clear :class:`CheckpointWriteError`."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except  (orbax wraps OSError in several types)
+    if not isinstance(e, OSError) and not _no_space(e):
+      raise
+    good = [s for s in mngr.all_steps() if s != step]
+    kept = f"the last good checkpoint (step {max(good)}) is intact" if good else "no earlier checkpoint exists"
+    why = "no space left on device" if _no_space(e) else f"{type(e).__name__}: {e}"
+    raise CheckpointWriteError(f"cannot write the step-{step} checkpoint of {name} to {mngr.directory} ({why}); "
+                               f"{kept}: free space and rerun the same command to resume") from None
 
 
 class Interrupted(Exception):
@@ -181,8 +209,10 @@ def train(run: Run, env: Env, writer: report.MetricWriter) -> tuple[Any, int]:
         if not bool(jax.device_get(_all_finite((state.params, state.batch_stats)))):
           fail("parameters (NaN/inf)", step)
         extra = run.meta(step, last) if run.meta is not None else {}
-        checkpoint.save(mngr, step, state, {"config": run.record, "step": step,
-                                            "epoch": extra.pop("epoch", 0.0), **extra, "metrics": last})
+        with _writing_checkpoint(mngr, step, run.name):
+          mngr.wait_until_finished()  # the previous (asynchronous) save's error surfaces here
+          checkpoint.save(mngr, step, state, {"config": run.record, "step": step,
+                                              "epoch": extra.pop("epoch", 0.0), **extra, "metrics": last})
     flush()
   except KeyboardInterrupt:
     if bar is not None:
@@ -192,7 +222,8 @@ def train(run: Run, env: Env, writer: report.MetricWriter) -> tuple[Any, int]:
     raise Interrupted(step, run.name) from None
   if bar is not None:
     bar.close()
-  mngr.wait_until_finished()
+  with _writing_checkpoint(mngr, step, run.name):
+    mngr.wait_until_finished()
   mngr.close()
   return state, step
 

@@ -20,9 +20,19 @@ class WorkdirInUseError(RuntimeError):
   """Another live process holds the workdir's lock."""
 
 
+def check(workdir: str) -> None:
+  """A usable run directory: a non-empty path that is a directory or does not exist yet."""
+  from lt_jax.train.config import ConfigError  # pylint: disable=g-import-not-at-top
+  if not workdir or not str(workdir).strip():
+    raise ConfigError("--workdir is empty; pass the run directory (checkpoints, metrics, plots)")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"workdir {workdir} exists and is not a directory")
+
+
 @contextlib.contextmanager
 def locked(workdir: str, enabled: bool = True):
   """Holds the workdir lock for the ``with`` block (a no-op when ``enabled`` is false)."""
+  check(workdir)
   if not enabled:
     yield
     return
