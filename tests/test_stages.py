@@ -130,6 +130,18 @@ def test_init_from_and_added_stage(staged, tmp_path):
       trainer.train_and_evaluate(bad, str(tmp_path / "bad"))
     with pytest.raises(config_lib.ConfigError, match="no such run directory"):
       trainer.train_and_evaluate(tiny_config(stages="crt", init_from=str(tmp_path / "nope")), str(tmp_path / "x"))
+    import shutil
+    from lt_jax.train import checkpoint
+    damaged = tmp_path / "damaged"
+    shutil.copytree(os.path.join(workdir, "checkpoints"), damaged / "checkpoints")
+    latest = max(int(n) for n in os.listdir(damaged / "checkpoints") if n.isdigit())
+    for root, _, files in os.walk(damaged / "checkpoints" / str(latest) / "state"):
+      for f in files:
+        open(os.path.join(root, f), "wb").close()  # truncated
+    with pytest.raises(checkpoint.ResumeError, match=rf"init_from=.*damaged.*newest checkpoint \(step {latest} in "
+                       r".*\) cannot be read"):
+      d.init_from = str(damaged)
+      trainer.train_and_evaluate(d, str(tmp_path / "y"))
 
 
 def test_bbn_and_remix_runs(tmp_path):

@@ -217,6 +217,21 @@ def test_a_second_process_on_a_locked_workdir_refuses_at_once(tmp_path):
       f"{socket.gethostname()}; wait for that run or use another --workdir", proc.stderr[-2000:]
 
 
+def test_diverging_smoke_run_exits_2_and_keeps_no_bad_checkpoint(tmp_path):
+  """The issue-15 probe: lr=1e3 made the gradient norm NaN from step 5, and the run exited 0."""
+  proc = subprocess.run([sys.executable, "launch.py", "--config=configs/fashion_mnist_lt.py:smoke",
+                         f"--workdir={tmp_path}", "--config.optim.lr=1e3", "--config.quiet=true"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: non-finite training ") and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert not (tmp_path / "summary.json").exists()
+  for step in os.listdir(tmp_path / "checkpoints"):  # whatever was kept is finite
+    from lt_jax.train import checkpoint
+    arrays = checkpoint.restore_arrays(checkpoint.manager(str(tmp_path), 3), int(step))
+    assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(arrays["params"])), step
+
+
 def test_num_devices_errors():
   from lt_jax.train.state import make_mesh
   with pytest.raises(config_lib.ConfigError, match="num_devices=4, but only 2 devices are available"):

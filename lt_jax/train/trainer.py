@@ -372,7 +372,14 @@ def load_variables(path: str, config: ml_collections.ConfigDict, model, image_sh
   step = mngr.latest_step()
   if step is None:
     raise config_lib.ConfigError(f"init_from={path!r}: no checkpoint in {ckpt_dir}")
-  meta = checkpoint.restore_meta(mngr, step)
+  def unreadable(e):  # another run's files are not moved aside: say which step to check
+    return checkpoint.ResumeError(
+        f"init_from={path!r}: its newest checkpoint (step {step} in {ckpt_dir}) cannot be read "
+        f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); rerun or resume that run first")
+  try:
+    meta = checkpoint.restore_meta(mngr, step)
+  except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds for damaged files)
+    raise unreadable(e) from None
   saved = meta["config"].get("joint", meta["config"])  # a stage's record nests the joint config
   current = config.to_dict()
   diff = [d for key in ("dataset", "model") for d in config_lib.incompatible_fields(
@@ -381,7 +388,10 @@ def load_variables(path: str, config: ml_collections.ConfigDict, model, image_sh
     diff.append("model.head: the checkpoint is an LWS stage (head 'lws'); start from the run before it")
   if diff:
     raise config_lib.ConfigError(f"init_from={path!r} was trained with different settings:\n  " + "\n  ".join(diff))
-  arrays = checkpoint.restore_arrays(mngr, step)
+  try:
+    arrays = checkpoint.restore_arrays(mngr, step)
+  except Exception as e:  # pylint: disable=broad-except
+    raise unreadable(e) from None
   abstract = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, *image_shape)), train=False), jax.random.key(0))
   rep = replicated(mesh)
   out = {}
