@@ -1,22 +1,40 @@
-"""Test session setup: two emulated CPU devices (PLATFORM.md: at most 2, block on each step)."""
+"""Test session setup: two emulated CPU devices (PLATFORM.md: at most 2, block on each step).
+
+The suite runs on ``-n auto`` pytest-xdist workers (``pyproject.toml``; capped at 4 below). All
+of them, and every process a test starts (``launch.py`` smoke runs, notebook kernels), share one
+persistent XLA compilation cache: the same small steps are compiled once per session, not once
+per process. The environment variables below are how child processes inherit it.
+"""
 
 import os
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Set once by the first process (the xdist controller, or a plain pytest run); workers and
+# subprocesses inherit it.
+os.environ.setdefault("LT_JAX_TEST_XLA_CACHE",
+                      os.path.join(tempfile.gettempdir(), f"lt_jax_test_xla_cache_{os.getpid()}"))
+_CACHE = os.environ["LT_JAX_TEST_XLA_CACHE"]
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 2)
-
-# The trainer tests build the same small steps many times: share compiled executables
-# through a persistent cache (one per session, so stale entries never matter).
-_CACHE = os.path.join(tempfile.gettempdir(), f"lt_jax_test_xla_cache_{os.getpid()}")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
+def pytest_xdist_auto_num_workers(config):
+  """``-n auto``: one worker per core, at most 4 (each holds a JAX runtime and TensorFlow)."""
+  del config
+  return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
 def pytest_sessionfinish(session, exitstatus):
+  if hasattr(session.config, "workerinput"):  # an xdist worker: the controller cleans up
+    return
   import shutil
   shutil.rmtree(_CACHE, ignore_errors=True)

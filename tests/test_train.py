@@ -232,6 +232,34 @@ def test_diverging_smoke_run_exits_2_and_keeps_no_bad_checkpoint(tmp_path):
     assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(arrays["params"])), step
 
 
+def test_sigterm_stops_after_the_save_with_one_line(tmp_path):
+  """Issue 15, item 12, across the process boundary: launch.py turns SIGTERM into a clean stop."""
+  import signal
+  import time
+  proc = subprocess.Popen([sys.executable, "launch.py", "--config=configs/fashion_mnist_lt.py:smoke",
+                           f"--workdir={tmp_path}", "--config.max_steps=100000", "--config.num_epochs=1000",
+                           "--config.log_every_steps=1", "--config.quiet=true"],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 240
+    while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
+      assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 130, err[-2000:]
+  last = err.strip().splitlines()[-1]
+  assert "Traceback" not in err, err[-2000:]
+  assert last.startswith("interrupted at step ") and last.endswith(
+      " of stage joint; rerun the same command to resume"), last
+  stopped = int(last.split()[3])
+  assert stopped >= 1 and not (tmp_path / "summary.json").exists()
+  saved = os.listdir(tmp_path / "checkpoints") if (tmp_path / "checkpoints").exists() else []
+  assert all(int(s) <= stopped for s in saved if s.isdigit()), saved
+
+
 def test_num_devices_errors():
   from lt_jax.train.state import make_mesh
   with pytest.raises(config_lib.ConfigError, match="num_devices=4, but only 2 devices are available"):
