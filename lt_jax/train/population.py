@@ -184,10 +184,15 @@ def _per_member(dotted: str) -> bool:
   return any(dotted == f or dotted.startswith(f + ".") for f in PER_MEMBER)
 
 
+def shared_differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> list[str]:
+  """The trajectory fields two single-run configs differ in that one population must share
+  (empty: they can be members of one population)."""
+  return [d for d in config_lib.incompatible_fields(a.to_dict(), b.to_dict()) if not _per_member(d.split(":")[0])]
+
+
 def _check_shared(ms: list[Member]) -> None:
-  first = ms[0].config.to_dict()
   for m in ms[1:]:
-    diff = [d for d in config_lib.incompatible_fields(first, m.config.to_dict()) if not _per_member(d.split(":")[0])]
+    diff = shared_differences(ms[0].config, m.config)
     if diff:
       hint = ""
       if any(d.startswith("model.head") for d in diff):
@@ -200,6 +205,7 @@ def _check_shared(ms: list[Member]) -> None:
 def validate(config: ml_collections.ConfigDict, ms: list[Member], data_devices: int) -> None:
   """Every member is a valid single run, and the population supports what they use."""
   c = config
+  resolve_vectorize(c.population.vectorize)
   if c.dataset.get("source", "memory") != "memory":
     raise ConfigError("population training needs an in-memory dataset (fashion_mnist, cifar10, cifar100); "
                       f"dataset.source={c.dataset.source!r} streams from the host")
