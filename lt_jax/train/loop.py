@@ -15,7 +15,10 @@ loop:
 read only at log, evaluation and checkpoint steps (one ``device_get`` of all steps since the
 last read). The NaN/inf check (loss and gradient norm of every step) runs there, before any
 checkpoint is written, so a non-finite run stops naming its first bad step and the last good
-checkpoint stays the newest. ``host_sync``: ``"auto"`` blocks on every step only where
+checkpoint stays the newest. A population (:mod:`lt_jax.train.population`) is a Run whose
+state has a member axis: its step freezes a non-finite member itself and reports the mean over
+the live members, so this same check stops it only when no member is left (``Run.watch`` sees
+the read metrics first and names the frozen members). ``host_sync``: ``"auto"`` blocks on every step only where
 PLATFORM.md's deadlock needs it (several emulated CPU devices: queued all-reduces of a
 2-core host time out), ``"always"`` / ``"never"`` override.
 """
