@@ -532,8 +532,8 @@ def load_data(plan: Plan, workdir: str, mesh: Mesh):
   device = steps.TrainData(
       images=state_lib.put_global(stack(lambda d: d.train_images), by_member),
       labels=state_lib.put_global(labels, by_member),
-      index=jax.tree.map(lambda x: state_lib.put_global(np.asarray(x), by_member),
-                         jax.vmap(lambda y: samplers_lib.build_index(y, data.num_classes))(labels)))
+      index=jax.tree.map(lambda *xs: state_lib.put_global(np.stack([np.asarray(x) for x in xs]), by_member),
+                         *[samplers_lib.build_index(y, data.num_classes) for y in labels]))
   return data, device, True
 
 
@@ -681,8 +681,9 @@ def summary_table(summary: dict) -> str:
     cells = "".join(f"{100 * r[k]:>10.2f}" if np.isfinite(r[k]) else f"{'n/a':>10}" for k in cols)
     lines.append(f"{r['name']:<{w}}{cells}" + (f"  frozen at step {r['frozen_at_step']} (non-finite)"
                                                 if r["frozen_at_step"] else ""))
-  wv = max(len(v) for v in summary["variants"]) + 2
-  lines.append(f"{'variant (mean ± std over seeds, %)':<{wv}}" + "".join(f"{names[k]:>16}" for k in cols))
+  head = "variant (mean ± std over seeds, %)"
+  wv = max(len(head), *(len(v) for v in summary["variants"])) + 2
+  lines.append(f"{head:<{wv}}" + "".join(f"{names[k]:>16}" for k in cols))
   for v, e in summary["variants"].items():
     cells = "".join(f"{100 * e[k]['mean']:>8.2f} ± {100 * e[k]['std']:<5.2f}" if np.isfinite(e[k]["mean"])
                     else f"{'n/a':>16}" for k in cols)
