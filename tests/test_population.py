@@ -179,6 +179,9 @@ def test_population_summary_json_and_plot(runs):
   assert open(root / "per_class_accuracy.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
   one = json.load(open(root / "members" / "la_tau=1.5_seed1" / "summary.json"))
   assert one["accuracy"] == s["members"][5]["accuracy"] and one["frozen_at_step"] is None
+  cm = np.load(root / "members" / "la_tau=1.5_seed1" / "confusion.npy")
+  np.testing.assert_allclose(np.diag(cm) / cm.sum(1), s["members"][5]["per_class_accuracy"], rtol=1e-6)
+  assert np.trace(cm) / cm.sum() == pytest.approx(s["members"][5]["accuracy"], abs=1e-6)
   lines = [json.loads(l) for l in open(root / "metrics.jsonl")]
   assert any(l["split"] == "test" and len(l["accuracy"]) == 6 for l in lines)
 

@@ -44,8 +44,8 @@ them out of the mean ± std.
 
 Outputs (``workdir``): ``population_summary.json`` (each member's row and mean ± std over seeds
 per variant, also printed), ``per_class_accuracy.png`` (per-class accuracy vs class size, error
-bars over seeds), ``members/<name>/summary.json`` and a single-run checkpoint per member (a
-decoupled stage can start from it: ``--config.init_from=<workdir>/members/<name>``).
+bars over seeds), and per member ``members/<name>/``: ``summary.json``, ``confusion.npy`` and a
+single-run checkpoint (a decoupled stage can start from it: ``--config.init_from=<that folder>``).
 """
 
 from __future__ import annotations
@@ -736,6 +736,7 @@ def write_outputs(workdir: str, config, ms: list[Member], state: PopulationState
                       {"step": step, **results[i].summary, "per_class_accuracy": row["per_class_accuracy"],
                        "frozen_at_step": row["frozen_at_step"]})
     report.write_json(os.path.join(mdir, "config.json"), m.config.to_dict())
+    np.save(os.path.join(mdir, "confusion.npy"), np.asarray(results[i].sums.confusion))  # rows: true class
     mngr = checkpoint.manager(mdir, 1)
     if mngr.latest_step() != step:
       one = jax.tree.map(lambda a: np.asarray(a[i]), host)
