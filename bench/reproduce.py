@@ -5,13 +5,22 @@ r"""The reproduction table: every long-tail method of the seeds on one recipe, s
   python bench/reproduce.py --config=configs/cifar_lt.py --variant=dataset=cifar10 \
       --root=runs/c10_reproduce          # the standard 200-epoch recipe (needs CIFAR + an accelerator)
 
-Each training run is a separate ``launch.py`` process in ``<root>/<run>_seed<k>`` (finished
-runs are skipped, interrupted ones resume). The decoupled rows are stages of the CE run
-(post-hoc LA, tau-norm, NCM, cRT) or of a run initialised from it (LWS), so they share its
-representation, as in Kang et al. (ICLR 2020). Every run carves the same balanced
+``--mode=population`` (default): the seeds of every method family train as one population
+(:mod:`lt_jax.train.population`, one ``launch.py`` process per family in
+``<root>/population_<runs>``): runs that differ only in their loss and share the model (e.g. CE,
+weighted CE, focal, CB, LA, Balanced Softmax: one population; LDAM-DRW's cosine head, BBN, Mixup
+and Remix: one each) x ``--seeds``. On CPU the population runs each member's own single-run program
+(``vectorize='unroll'``), so its numbers are bit-identical to the per-process runs'. The decoupled
+rows are stages of a process per seed that starts from the population's CE member
+(``--config.init_from=<population>/members/ce_seed<k>``). ``--mode=process``: each training run is a
+separate ``launch.py`` process in ``<root>/<run>_seed<k>`` (``--jobs`` at a time), the CE run with
+its stages; LWS initialised from it.
+
+In both modes finished runs are skipped and interrupted ones resume. The decoupled rows share the
+CE run's representation, as in Kang et al. (ICLR 2020). Every run carves the same balanced
 validation split (``--val_per_class``) from the training data; tau is chosen there.
-Prints top-1, BER and many/medium/few (mean ± std over seeds, %), writes ``table.json``
-and a plot (``--plot``).
+Prints top-1, BER and many/medium/few (mean ± std over seeds, %) with the training minutes per run
+(a population's wall time divided by its members), writes ``table.json`` and a plot (``--plot``).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -71,20 +81,26 @@ def _done_file(workdir: str, variant: str) -> str:
   return os.path.join(workdir, "stages_summary.json" if "stages=" in variant else "summary.json")
 
 
-def run(args, name: str, seed: int) -> dict:
-  """Runs (or resumes, or skips) one training run; returns its summaries by stage."""
+def run(args, name: str, seed: int, init_from: str = "") -> dict:
+  """Runs (or resumes, or skips) one training run; returns its summaries by stage.
+
+  ``init_from``: the CE model to start the stages from (a population member's directory);
+  default, for runs that need it, the CE run ``<root>/ce_seed<k>``.
+  """
   variant, needs_ce = RUNS[name]
-  workdir = os.path.join(args.root, f"{name}_seed{seed}")
+  if init_from and not needs_ce:  # the joint stage comes from the population
+    variant = ",".join(i for i in variant.split(",") if not i.startswith("loss="))
+  workdir = os.path.join(args.root, f"{name}_seed{seed}" + ("_from_population" if init_from else ""))
   done = _done_file(workdir, variant)
   if not os.path.exists(done):
     base = f"{args.variant}," if args.variant else ""
     cmd = [sys.executable, os.path.join(ROOT, "launch.py"), f"--config={args.config}:{base}{variant},seed={seed}",
            f"--workdir={workdir}", "--config.quiet=true", "--config.plots=false",
            f"--config.dataset.val_per_class={args.val_per_class}", *args.overrides]
-    if needs_ce:
-      cmd.append(f"--config.init_from={os.path.join(args.root, f'ce_seed{seed}')}")
+    if needs_ce or init_from:
+      cmd.append(f"--config.init_from={init_from or os.path.join(args.root, f'ce_seed{seed}')}")
     print("+", " ".join(cmd), flush=True)
-    with open(os.path.join(args.root, f"{name}_seed{seed}.log"), "w") as log:
+    with open(workdir + ".log", "w") as log:
       subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
   with open(done) as f:
     out = json.load(f)
@@ -92,6 +108,97 @@ def run(args, name: str, seed: int) -> dict:
     out = {"joint": out}
   minutes = (os.path.getmtime(done) - os.path.getmtime(os.path.join(workdir, "train_counts.json"))) / 60
   return {"minutes": minutes, **out}
+
+
+def _variant_items(variant: str) -> dict:
+  return dict(item.partition("=")[::2] for item in variant.split(",") if item)
+
+
+def _join(items: dict) -> str:
+  return ",".join(f"{k}={v}" if v else k for k, v in items.items())
+
+
+def families(args, names: list[str]) -> list[list[str]]:
+  """Groups the trained runs (stages stripped) into populations: same variant but the loss, and a
+  model the losses share (:func:`population.shared_differences`), in ``RUNS`` order."""
+  from lt_jax.train import population
+  mod = _config_module(args.config)
+  groups: list[tuple[str, Any, list[str]]] = []
+  for name in names:
+    items = _variant_items(RUNS[name][0])
+    items.pop("stages", None)
+    rest = _join({k: v for k, v in items.items() if k != "loss"})
+    c = mod.get_config(",".join(filter(None, [args.variant, _join(items)])))
+    for key, first, members in groups:
+      if key == rest and not population.shared_differences(first, c):
+        members.append(name)
+        break
+    else:
+      groups.append((rest, c, [name]))
+  return [members for _, _, members in groups]
+
+
+def _config_module(path: str):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("reproduce_config", os.path.join(ROOT, path))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def run_population(args, names: list[str], seeds: list[int]) -> dict:
+  """Trains (or resumes, or skips) one population of ``names`` x ``seeds``; returns per (run, seed)
+  its joint summary and the population's training minutes per member."""
+  workdir = os.path.join(args.root, "population_" + "+".join(names))
+  done = os.path.join(workdir, "population_summary.json")
+  items = [_variant_items(RUNS[n][0]) for n in names]
+  for it in items:
+    it.pop("stages", None)
+  rest = _join({k: v for k, v in items[0].items() if k != "loss"})
+  losses = [it.get("loss", "") for it in items]
+  pop = [f"seeds={'+'.join(map(str, seeds))}"] + ([f"losses={'+'.join(losses)}"] if any(losses) else [])
+  if not os.path.exists(done):
+    variant = ",".join(filter(None, [args.variant, rest, *pop]))
+    cmd = [sys.executable, os.path.join(ROOT, "launch.py"), f"--config={args.config}:{variant}",
+           f"--workdir={workdir}", "--config.quiet=true", "--config.plots=false",
+           f"--config.dataset.val_per_class={args.val_per_class}", *args.overrides]
+    print("+", " ".join(cmd), flush=True)
+    with open(workdir + ".log", "w") as log:
+      subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+  with open(done) as f:
+    summary = json.load(f)
+  minutes = (os.path.getmtime(done) - os.path.getmtime(os.path.join(workdir, "train_counts.json"))) / 60
+  out, rows = {}, summary["members"]
+  for i, n in enumerate(names):  # members are variant-major (losses in order), seeds inner
+    for j, seed in enumerate(seeds):
+      row = rows[i * len(seeds) + j]
+      assert row["seed"] == seed, (row["name"], seed)
+      out[(n, seed)] = {"minutes": minutes / len(rows), "joint": row,
+                        "member_dir": os.path.join(workdir, "members", row["name"])}
+  print(f"population {'+'.join(names)} x seeds {seeds}: {minutes:.1f} min for {len(rows)} members "
+        f"({minutes / len(rows):.1f} min per member)", flush=True)
+  return out
+
+
+def collect_population(args, seeds: list[int]) -> dict:
+  """``--mode=population``: one population per family, then the stage runs per seed (``--jobs`` at a time)."""
+  os.makedirs(args.root, exist_ok=True)
+  needed = [n for n in RUNS if any(ROWS[r][0] == n for r in args.rows)]
+  staged = [n for n in needed if "stages=" in RUNS[n][0] or RUNS[n][1]]
+  trained = [n for n in needed if not RUNS[n][1]]  # the CE run's joint model trains in its family
+  results = {}
+  for fam in families(args, trained):
+    results.update(run_population(args, fam, seeds))
+  jobs = [(n, s) for n in staged for s in seeds]
+  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+    futures = {pool.submit(run, args, n, s, results[("ce", s)]["member_dir"]): (n, s) for n, s in jobs}
+    for fut in concurrent.futures.as_completed(futures):
+      n, s = futures[fut]
+      staged_out = fut.result()
+      trained = results.get((n, s), {})  # the population's joint model and minutes, if it trained this run
+      results[(n, s)] = {**staged_out, "joint": trained.get("joint", staged_out.get("joint")),
+                         "minutes": trained.get("minutes", staged_out["minutes"])}
+  return results
 
 
 def collect(args, seeds: list[int]) -> dict:
@@ -158,7 +265,10 @@ def main():
   p.add_argument("--root", default="runs/reproduce")
   p.add_argument("--rows", default=",".join(ROWS), help="comma-separated table rows (default: all)")
   p.add_argument("--val_per_class", type=int, default=20)
-  p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
+  p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (process mode; stage runs)")
+  p.add_argument("--mode", default="population", choices=("population", "process"),
+                 help="population: the seeds of each method family as one population (default); "
+                      "process: one launch.py process per run and seed")
   p.add_argument("--plot", default="", help="PNG path for the bar chart (default: <root>/table.png)")
   args, args.overrides = p.parse_known_args()
   args.rows = [r for r in args.rows.split(",") if r]
@@ -166,7 +276,7 @@ def main():
   if unknown:
     p.error(f"unknown rows {unknown}; valid rows: {list(ROWS)}")
   seeds = [int(s) for s in args.seeds.split(",")]
-  rows = table(args, seeds, collect(args, seeds))
+  rows = table(args, seeds, (collect_population if args.mode == "population" else collect)(args, seeds))
   title = f"{args.config}:{args.variant} seeds {seeds}, test set (mean ± std over seeds, %)"
   print_table(title, rows)
   with open(os.path.join(args.root, "table.json"), "w") as f:

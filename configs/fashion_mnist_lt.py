@@ -8,7 +8,10 @@ Runs offline on a 2-core CPU in under 15 minutes (Fashion-MNIST comes from Debia
 
 Variant keys: ir, loss (a registry name, alias or recipe such as ldam_drw), sampler, head,
 seed, mix=mixup|cutmix|remix, bbn, stages=crt+tau_norm+..., epochs=<int> (scales the
-schedule), smoke.
+schedule), smoke; a population (``lt_jax.train.population``): seeds=0+1+2, losses=ce+la+bs,
+samplers=instance+cb.
+
+  python launch.py --config=configs/fashion_mnist_lt.py:seeds=0+1+2,losses=ce+la+bs --workdir=/tmp/fm_pop
 
   python launch.py --config=configs/fashion_mnist_lt.py:loss=ldam_drw --workdir=/tmp/fm_ldam
   python launch.py --config=configs/fashion_mnist_lt.py:stages=crt+tau_norm+ncm+posthoc \

@@ -26,6 +26,12 @@ def _f32(x) -> Array:
   return jnp.asarray(x).astype(jnp.float32)
 
 
+def _concrete(x) -> bool:
+  """Whether ``x`` is a number (not traced): hyper-parameters traced per population member
+  (:mod:`lt_jax.train.population`) were range-checked as numbers before tracing."""
+  return not isinstance(x, jax.core.Tracer)
+
+
 def _check_logits(logits) -> Array:
   z = _f32(logits)
   if z.ndim != 2:
@@ -178,7 +184,7 @@ def ldam_margins(counts: Array, max_m: float = 0.5) -> Array:
   NeurIPS 2019; as ``kaidic/LDAM-DRW/losses.py`` (``m_list * (max_m / max(m_list))``). Scale-free,
   so a prior works as well as counts. CIFAR-10 IR100 gives 0.158 (head) ... 0.5 (tail).
   """
-  if not max_m > 0:
+  if _concrete(max_m) and not max_m > 0:
     raise ValueError(f"ldam_margins: max_m must be > 0, got {max_m}")
   m = priors.safe_counts(counts) ** -0.25
   return m * (max_m / jnp.max(m))
@@ -302,7 +308,7 @@ def label_smoothing_cross_entropy(logits: Array, labels: Array,
   Szegedy et al., "Rethinking the Inception Architecture", CVPR 2016 (BagofTricks
   ``CrossEntropyLabelSmooth``). Padding rows stay at loss 0.
   """
-  if not 0.0 <= epsilon <= 1.0:
+  if _concrete(epsilon) and not 0.0 <= epsilon <= 1.0:
     raise ValueError(f"label smoothing epsilon must be in [0, 1], got {epsilon}")
   z = _check_logits(logits)
   C = z.shape[-1]
@@ -323,7 +329,7 @@ def focal_modulate(x: Array, gamma: float) -> Array:
   pos = x > 0
   xs = jnp.where(pos, x, 1.0)
   mod = jnp.exp(gamma * jnp.log(-jnp.expm1(-xs)))
-  return jnp.where(pos, mod * xs, 0.0 if gamma > 0 else x)
+  return jnp.where(pos, mod * xs, (0.0 if gamma > 0 else x) if _concrete(gamma) else jnp.where(gamma > 0, 0.0, x))
 
 
 def focal_loss(logits: Array, labels: Array, prior_or_counts: Array | None = None, *,
@@ -351,7 +357,7 @@ def focal_loss(logits: Array, labels: Array, prior_or_counts: Array | None = Non
   The registry's ``make_loss('focal', form=..., weights=...)`` applies the same rule to its
   (possibly batch-normalised or deferred) per-example weights; recipe ``loss=focal_drw``.
   """
-  if not gamma >= 0:
+  if _concrete(gamma) and not gamma >= 0:
     raise ValueError(f"focal gamma must be >= 0, got {gamma}")
   if form not in FOCAL_FORMS:
     raise ValueError(f"unknown focal form {form!r}; valid forms: {', '.join(FOCAL_FORMS)}")
@@ -454,7 +460,7 @@ def softmax_equalization_loss(logits: Array, labels: Array, prior_or_counts: Arr
   logsumexp of ``z + log w`` (entries with ``w = 0`` masked), never ``log(softmax)``.
   """
   _require_prior(prior_or_counts, "softmax_equalization_loss")
-  if not 0.0 <= gamma <= 1.0:
+  if _concrete(gamma) and not 0.0 <= gamma <= 1.0:
     raise ValueError(f"SEQL gamma (Bernoulli probability) must be in [0, 1], got {gamma}")
   z = _check_logits(logits)
   t = as_targets(labels, z.shape[-1])
@@ -524,7 +530,7 @@ def sigmoid_focal_loss(logits: Array, labels: Array, prior_or_counts: Array | No
   (which is also BagofTricks' sigmoid focal loss) on lt_jax's targets, summed over classes.
   Cui's prior-based bias initialisation of the classifier is a model concern, not done here.
   """
-  if not gamma >= 0:
+  if _concrete(gamma) and not gamma >= 0:
     raise ValueError(f"focal gamma must be >= 0, got {gamma}")
   z = _check_logits(logits)
   t = as_targets(labels, z.shape[-1])

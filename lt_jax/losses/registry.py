@@ -276,7 +276,12 @@ def make_loss(name: str, **hparams) -> Loss:
     else:
       raise ValueError(f"make_loss({name!r}) got unknown hparam {k!r}; valid hparams: "
                        f"{', '.join(valid_names) or 'none'}")
+  # Traced hparams (a population's per-member values, lt_jax.train.population) were range-checked
+  # as numbers before tracing: the checks below see the registry default in their place.
+  traced = {k: v for k, v in own.items() if isinstance(v, jax.core.Tracer)}
+  own.update({k: spec.defaults[k] for k in traced})
   _validate_own(name, own, set(hparams))
+  own.update(traced)
 
   # ---- class weighting configuration
   weights = weight_hp.get("weights", "inverse" if spec.weighting == "required" else None)

@@ -92,7 +92,33 @@ def base_config() -> ml_collections.ConfigDict:
   # The first one's result is the stage's summary.json.
   c.evals = ml_collections.ConfigDict({"test": ml_collections.ConfigDict(dict(type="classification",
                                                                               split="test"))})
+  c.population = population_fields()
   return c
+
+
+# Population grid keys (lt_jax.train.population): dotted config fields, "loss.<k>" = loss.hparams.<k>.
+POPULATION_GRID = ("optim.lr", "optim.weight_decay", "mix.alpha", "loss.tau", "loss.gamma", "loss.beta",
+                   "loss.max_m", "loss.s", "loss.epsilon")
+
+
+def population_fields() -> ml_collections.ConfigDict:
+  """``config.population``: members trained as one vmapped program (:mod:`lt_jax.train.population`).
+
+  Members are the product of ``losses`` (registry names, aliases or recipes; empty: the config's
+  loss) x ``samplers`` x the ``grid`` points x ``seeds``, each a comma-separated list (``+`` in
+  variants). ``grid.<field>``: values of a numeric field, e.g. ``grid.loss.tau="0.5,1.0,1.5"``
+  (a loss field applies to the members whose loss has it). ``subset_seeds``: each member draws its
+  long-tailed subset with its own seed (``dataset.subset_seed = seed``). All empty: a single run.
+  ``vectorize``: how the step runs the member axis (``'auto'``: ``'unroll'`` on CPU, ``'vmap'`` elsewhere).
+  """
+  grid = ml_collections.ConfigDict()
+  for key in POPULATION_GRID:
+    group, name = key.split(".")
+    if group not in grid:
+      grid[group] = ml_collections.ConfigDict()
+    grid[group][name] = ""
+  return ml_collections.ConfigDict(dict(seeds="", losses="", samplers="", subset_seeds=False, grid=grid,
+                                        vectorize="auto"))
 
 
 def run_fields(c: ml_collections.ConfigDict, *, batch_size: int, num_epochs: int, eval_every_epochs: int,
@@ -156,6 +182,9 @@ def apply_common_variants(c: ml_collections.ConfigDict, variant: dict, allowed: 
     c.model.bbn = True
   if "stages" in variant:  # commas separate variant keys, so stages are joined by '+'
     c.stages = str(variant["stages"]).replace("+", ",")
+  for key in ("seeds", "losses", "samplers"):  # a population (lt_jax.train.population), '+'-joined
+    if key in variant:
+      c.population[key] = str(variant[key]).replace("+", ",")
   return c
 
 
@@ -168,7 +197,8 @@ def variant_number(variant: dict, key: str, kind=float):
                       ) from None
 
 
-COMMON_VARIANTS = ("ir", "loss", "sampler", "head", "seed", "mix", "bbn", "stages", "epochs")
+COMMON_VARIANTS = ("ir", "loss", "sampler", "head", "seed", "mix", "bbn", "stages", "epochs",
+                   "seeds", "losses", "samplers")
 
 
 def set_epochs(c: ml_collections.ConfigDict, num_epochs: float) -> None:
@@ -535,7 +565,8 @@ def steps_per_epoch(num_train: int, batch_size: int) -> int:
 RESUMABLE_FIELDS = ("quiet", "plots", "log_every_steps", "eval_every_epochs", "max_steps",
                     "keep_checkpoints", "checkpoint_every_epochs", "eval_batch_size", "multihost", "num_devices",
                     "dataset.data_dir", "stages", "stage", "init_from", "eval_every_steps", "eval_every_examples",
-                    "checkpoint_every_steps", "checkpoint_every_examples", "host_sync", "transfer_guard", "evals")
+                    "checkpoint_every_steps", "checkpoint_every_examples", "host_sync", "transfer_guard", "evals",
+                    "population")  # a single run's is empty; a population records its members itself
 
 
 def trajectory_fields(d: dict, drop: tuple[str, ...] = ()) -> dict:

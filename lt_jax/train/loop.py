@@ -15,7 +15,10 @@ loop:
 read only at log, evaluation and checkpoint steps (one ``device_get`` of all steps since the
 last read). The NaN/inf check (loss and gradient norm of every step) runs there, before any
 checkpoint is written, so a non-finite run stops naming its first bad step and the last good
-checkpoint stays the newest. ``host_sync``: ``"auto"`` blocks on every step only where
+checkpoint stays the newest. A population (:mod:`lt_jax.train.population`) is a Run whose
+state has a member axis: its step freezes a non-finite member itself and reports the mean over
+the live members, so this same check stops it only when no member is left (``Run.watch`` sees
+the read metrics first and names the frozen members). ``host_sync``: ``"auto"`` blocks on every step only where
 PLATFORM.md's deadlock needs it (several emulated CPU devices: queued all-reduces of a
 2-core host time out), ``"always"`` / ``"never"`` override.
 """
@@ -117,6 +120,9 @@ class Run(NamedTuple):
   meta: Callable[[int, dict], dict] | None = None   # extra checkpoint metadata
   postfix: Sequence[str] = ("loss",)                # metrics shown on the progress bar
   checked: Sequence[str] = ("loss", "grad_norm")    # metrics that must stay finite
+  # Sees every read step's host metrics before the finite check (a population reports the
+  # members its step froze; :mod:`lt_jax.train.population`).
+  watch: Callable[[list[tuple[int, dict]]], None] | None = None
 
 
 class Env(NamedTuple):
@@ -171,10 +177,12 @@ def train(run: Run, env: Env, writer: report.MetricWriter) -> tuple[Any, int]:
       return
     got = jax.device_get(pending)
     pending.clear()
+    if run.watch is not None:
+      run.watch(got)
     bad = _first_bad(got, run.checked)
     if bad is not None:
       fail(f"{bad[1]} ({bad[2]})", bad[0])
-    last = {k: float(v) for k, v in got[-1][1].items()}
+    last = {k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist() for k, v in got[-1][1].items()}
     if bar is not None:
       bar.set_postfix({k: f"{last[k]:.3g}" for k in run.postfix if k in last}, refresh=False)
 

@@ -8,7 +8,8 @@ import optax
 from lt_jax.train.durations import epochs_to_steps
 
 
-def make_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int) -> optax.Schedule:
+def make_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int,
+                  lr=None) -> optax.Schedule:
   """Per-step learning rate.
 
   ``step`` (Cao et al. 2019; Cui et al. 2019): linear warmup over ``warmup_epochs`` from
@@ -16,8 +17,11 @@ def make_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: int, num_ep
   ``decay_epochs`` (the LDAM-DRW recipe: 0.1, x0.01 at 160, x0.0001 at 180 for 200 epochs).
   ``cosine``: warmup then cosine decay to 0 at ``num_epochs`` (Kang et al. 2020).
   ``constant``: warmup then ``lr``.
+
+  ``lr`` (default ``optim.lr``) may be traced: a population member's learning rate
+  (:mod:`lt_jax.train.population`).
   """
-  lr = float(optim.lr)
+  lr = float(optim.lr) if lr is None else lr
   warmup = epochs_to_steps(optim.warmup_epochs, steps_per_epoch)
   total = num_epochs * steps_per_epoch
   if optim.schedule == "cosine":
@@ -37,10 +41,15 @@ def make_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: int, num_ep
   return optax.join_schedules([ramp, after], [warmup])
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """SGD (PyTorch semantics: wd added to the gradient of every parameter, then momentum) or AdamW."""
+def make_optimizer(optim: ml_collections.ConfigDict, schedule: optax.Schedule,
+                   weight_decay=None) -> optax.GradientTransformation:
+  """SGD (PyTorch semantics: wd added to the gradient of every parameter, then momentum) or AdamW.
+
+  ``weight_decay`` (default ``optim.weight_decay``) may be traced (a population member's).
+  """
+  weight_decay = float(optim.weight_decay) if weight_decay is None else weight_decay
   if optim.name == "sgd":
-    return optax.chain(optax.add_decayed_weights(float(optim.weight_decay)),
+    return optax.chain(optax.add_decayed_weights(weight_decay),
                        optax.sgd(schedule, momentum=float(optim.momentum) or None,
                                  nesterov=bool(optim.nesterov)))
-  return optax.adamw(schedule, weight_decay=float(optim.weight_decay))
+  return optax.adamw(schedule, weight_decay=weight_decay)

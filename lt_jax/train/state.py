@@ -64,14 +64,20 @@ def create_state(model, tx, loss, num_classes: int, input_shape: tuple[int, ...]
   stage) replaces the model's fresh initialisation; the optimiser state is always fresh.
   """
   def init(variables) -> TrainState:
-    key = jax.random.key(seed)
-    init_key, rng = jax.random.split(key)
-    if variables is None:
-      variables = model.init(init_key, jnp.zeros((2, *input_shape), jnp.float32), train=False)
-    params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                      loss_state=loss.init(num_classes), rng=jax.random.key_data(rng))
+    return init_state(model, tx, loss, num_classes, input_shape, seed, variables)
   abstract = jax.eval_shape(init, variables)
   shardings = jax.tree.map(lambda _: replicated(mesh), abstract)
   return jax.jit(init, out_shardings=shardings)(variables)
+
+
+def init_state(model, tx, loss, num_classes: int, input_shape: tuple[int, ...], seed, variables: Any = None
+               ) -> TrainState:
+  """The initial state of ``seed`` (a Python int, or traced: a population vmaps this over its seeds)."""
+  key = jax.random.key(seed)
+  init_key, rng = jax.random.split(key)
+  if variables is None:
+    variables = model.init(init_key, jnp.zeros((2, *input_shape), jnp.float32), train=False)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                    loss_state=loss.init(num_classes), rng=jax.random.key_data(rng))

@@ -137,7 +137,20 @@ def make_train_step(model, tx: optax.GradientTransformation, loss: losses_lib.Lo
                     mesh: Mesh, grad_mask: Any = None, host_batches: bool = False,
                     logit_fn: Callable[[jax.Array], jax.Array] | None = None
                     ) -> Callable[..., tuple[TrainState, dict]]:
-  """``step(state, data) -> (state, metrics)``, jitted with the state donated.
+  """``step(state, data) -> (state, metrics)``: :func:`train_step_fn` jitted with the state donated."""
+  fn = train_step_fn(model, tx, loss, schedule, counts, sc, mesh, grad_mask=grad_mask,
+                     host_batches=host_batches, logit_fn=logit_fn)
+  return jax.jit(fn, donate_argnums=(0,), compiler_options=cpu_compiler_options())
+
+
+def train_step_fn(model, tx: optax.GradientTransformation, loss: losses_lib.Loss,
+                  schedule: optax.Schedule, counts: jax.Array, sc: StepConfig,
+                  mesh: Mesh, grad_mask: Any = None, host_batches: bool = False,
+                  logit_fn: Callable[[jax.Array], jax.Array] | None = None,
+                  indices_fn: Callable[..., jax.Array] | None = None
+                  ) -> Callable[..., tuple[TrainState, dict]]:
+  """The update ``step(state, data) -> (state, metrics)``, not jitted (a population vmaps it,
+  :mod:`lt_jax.train.population`).
 
   ``grad_mask``: a pytree of bools like ``params`` (``True`` = trainable, e.g. from
   :func:`lt_jax.decoupled.param_labels`); the reported ``grad_norm`` covers those leaves
@@ -150,6 +163,9 @@ def make_train_step(model, tx: optax.GradientTransformation, loss: losses_lib.Lo
 
   ``logit_fn`` maps the model's outputs to class scores for the reported accuracy (e.g.
   the BAGS group-softmax head, whose ``C + G`` outputs the loss consumes directly).
+
+  ``indices_fn(key, step, data, counts, sc)`` replaces :func:`batch_indices` for the main batch
+  (a population member's sampler chosen by an index, :mod:`lt_jax.train.population`).
   """
   sharding = batch_sharded(mesh)
 
@@ -197,7 +213,7 @@ def make_train_step(model, tx: optax.GradientTransformation, loss: losses_lib.Lo
   def train_step(state: TrainState, data: TrainData):
     key = jax.random.wrap_key_data(state.rng)
     sample_key = jax.random.split(jax.random.fold_in(key, 0))[0]
-    images, labels = _gather(data, batch_indices(sample_key, state.step, data, counts, sc), sharding)
+    images, labels = _gather(data, (indices_fn or batch_indices)(sample_key, state.step, data, counts, sc), sharding)
     rb = None
     if sc.bbn:
       rb = _gather(data, batch_indices(jax.random.fold_in(key, 2), state.step, data, counts, sc,
@@ -207,5 +223,4 @@ def make_train_step(model, tx: optax.GradientTransformation, loss: losses_lib.Lo
   def host_step(state: TrainState, images, labels):
     return update(state, jax.random.wrap_key_data(state.rng), images, labels)
 
-  fn = host_step if host_batches else train_step
-  return jax.jit(fn, donate_argnums=(0,), compiler_options=cpu_compiler_options())
+  return host_step if host_batches else train_step

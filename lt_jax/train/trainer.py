@@ -127,6 +127,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   of every training stage. Writes metrics, config, counts, plots and checkpoints to
   ``workdir`` (stages to ``workdir/stages/<name>``).
   """
+  from lt_jax.train import population  # many members as one vmapped program (config.population)
+  if population.enabled(config):
+    return population.train_and_evaluate(config, workdir)
   mesh = make_mesh(config.num_devices)
   config_lib.validate(config, num_devices=mesh.size)
   env = make_env(config, mesh)
@@ -235,9 +238,12 @@ def final_eval(ctx: Context, evs, variables, workdir: str | None = None, step: i
   return first.summary, first.sums
 
 
-def make_loss(c: ml_collections.ConfigDict, steps_per_epoch: int) -> losses.Loss:
-  """The joint stage's loss; deferred re-weighting's epoch becomes a step here."""
-  hp = c.loss.hparams.to_dict()
+def make_loss(c: ml_collections.ConfigDict, steps_per_epoch: int, **hparams) -> losses.Loss:
+  """The joint stage's loss; deferred re-weighting's epoch becomes a step here.
+
+  ``hparams`` replace the config's (a population member's traced values, :mod:`population`).
+  """
+  hp = {**c.loss.hparams.to_dict(), **hparams}
   if c.loss.drw_epoch >= 0:
     hp["drw_start"] = durations.epochs_to_steps(c.loss.drw_epoch, steps_per_epoch)
   return losses.make_loss(c.loss.name, **hp)

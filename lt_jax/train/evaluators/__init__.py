@@ -8,8 +8,8 @@ decoupling stages that train nothing (``tau_norm``, ``posthoc``, ``ncm`` in
 
 from __future__ import annotations
 
-from lt_jax.train.evaluators.classification import (ClassificationEvaluator, EvalSums, make_eval_step,
-                                                    sums_from_logits, summarize)
+from lt_jax.train.evaluators.classification import (ClassificationEvaluator, EvalSums, eval_step_fn,
+                                                    make_eval_step, sums_from_logits, summarize)
 from lt_jax.train.evaluators.common import EvalContext, EvalResult, Evaluator, MemorySplits, OutputCache, \
     StreamSplits, padded_batches
 from lt_jax.train.evaluators.ncm import NCMEvaluator

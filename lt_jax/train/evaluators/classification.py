@@ -43,18 +43,24 @@ def summarize(sums: EvalSums, train_counts: np.ndarray) -> dict[str, Any]:
 
 
 def make_eval_step(model, num_classes: int, mean, std, num_bins: int = 15, logit_fn=None):
-  """``eval_step(variables, images, labels, mask) -> EvalSums`` of one (sharded) batch.
+  """``eval_step(variables, images, labels, mask) -> EvalSums`` of one (sharded) batch, jitted.
 
   ``logit_fn``: model outputs -> ``(B, num_classes)`` class scores (default: the outputs).
   Inputs arrive batch-sharded; XLA reduces the sums across devices.
   """
+  return jax.jit(eval_step_fn(model, num_classes, mean, std, num_bins, logit_fn),
+                 compiler_options=cpu_compiler_options())
+
+
+def eval_step_fn(model, num_classes: int, mean, std, num_bins: int = 15, logit_fn=None):
+  """:func:`make_eval_step`'s function, not jitted (a population vmaps it over its members)."""
   def eval_step(variables, images, labels, mask):
     logits, _ = model.apply(variables, augment.normalize(images, mean, std), train=False)
     if logit_fn is not None:
       logits = logit_fn(logits)
     return sums_from_logits(logits, labels, num_classes, mask, num_bins)
 
-  return jax.jit(eval_step, compiler_options=cpu_compiler_options())
+  return eval_step
 
 
 def result_of_logits(ctx, logits: np.ndarray, labels: np.ndarray) -> EvalResult:
