@@ -211,6 +211,30 @@ def test_sade_loss_matches_reference_values_and_gradients():
     loss.apply(jnp.zeros((2, 10)), jnp.array([0, 1]), jnp.asarray(COUNTS), ())
 
 
+@pytest.mark.parametrize("name", losses.EXPERT_LOSSES)
+def test_expert_losses_registry_properties(name):
+  """What tests/test_losses.py checks for every (B, C) loss: jit = eager, padding rows give 0, values
+  and gradients finite for logits of +-1e30, bfloat16 and soft targets, and a zero-count class."""
+  hp = dict(weights="effective_number", beta=0.999, weight_norm="batch", drw_start=0) if name == "ride" else {}
+  L = losses.make_loss(name, **hp)
+  st = L.init(10)
+  r = np.random.default_rng(7)
+  y = np.array([0, 3, 9, 5, -1])
+  z = (3 * r.standard_normal((5, 3, 10))).astype(np.float32)
+  eager, _ = L.apply(z, y, COUNTS, st)
+  np.testing.assert_allclose(jax.jit(L.apply)(z, y, COUNTS, st)[0], eager, rtol=1e-5, atol=1e-5)
+  assert float(eager[-1]) == 0.0 and np.all(np.asarray(eager[:-1]) > -1e3)
+  z_ext = (1e30 * np.sign(r.standard_normal((5, 3, 10)))).astype(np.float32)
+  soft = r.dirichlet(np.ones(10), 5).astype(np.float32)
+  zero = COUNTS.copy()
+  zero[2] = 0
+  total = jax.jit(jax.grad(lambda zz, yy, c: jnp.sum(L.apply(zz, yy, c, st)[0])))
+  for zz, yy, c in ((z_ext, y, COUNTS), (-z_ext, y, zero), (jnp.asarray(z, jnp.bfloat16), soft, COUNTS)):
+    out = L.apply(zz, yy, c, st)[0]
+    assert out.dtype == jnp.float32 and np.all(np.isfinite(out)), out
+    assert np.all(np.isfinite(np.asarray(total(zz, yy, c), np.float32)))
+
+
 # ----------------------------------------------------------------------------- test-agnostic protocol
 
 

@@ -16,6 +16,9 @@ from lt_jax import priors
 from lt_jax.losses.functions import Array, _f32, _valid, as_targets, ldam_margins
 
 
+_CLIP = 1e6  # |logits| bound of RIDE's tempered KL (see ride_loss)
+
+
 def check_expert_logits(expert_logits, num_experts: int | None = None) -> Array:
   """float32 ``(B, E, C)`` expert logits (``ValueError`` on any other shape)."""
   z = _f32(expert_logits)
@@ -72,7 +75,9 @@ def ride_loss(expert_logits: Array, labels: Array, prior_or_counts: Array, *, ma
     output_logits if additional_diversity_factor == 0``), not on its own.
 
   Padding rows (label -1 / all-zero soft row) give 0. Soft targets: margin ``s m_c y_c``,
-  target-weighted CE (lt_jax's convention). ``reweighted`` may be a traced bool.
+  target-weighted CE (lt_jax's convention). ``reweighted`` may be a traced bool. The KL term
+  reads the logits clipped to +-1e6 (finite under jit for |z| up to 1e30; expert logits are
+  ``s cos``, so real inputs are never clipped).
   """
   z = check_expert_logits(expert_logits)
   C = z.shape[-1]
@@ -87,8 +92,13 @@ def ride_loss(expert_logits: Array, labels: Array, prior_or_counts: Array, *, ma
   on = jnp.asarray(reweighted, bool)
   temp = jnp.where(on, per_class, jnp.full((C,), diversity_temperature, jnp.float32))
   temp_mean = jnp.where(on, jnp.mean(per_class), jnp.float32(diversity_temperature))
-  log_p = jax.nn.log_softmax(z / temp, axis=-1)
-  log_q = jax.nn.log_softmax(jax.lax.stop_gradient(zbar) / temp, axis=-1)[:, None, :]
+  # Under jit XLA computes ``z / T_c`` twice (for the row max and for the shifted logits) as a
+  # multiply-add whose unrounded residual overflows ``exp`` once |z| ~ 1e9 (per-class T cannot be
+  # applied after the shift, as ldam_loss does with its scalar s). Clipping at 1e6 keeps the residual
+  # < 0.1; expert logits are s * cos (|z| <= 30), so this changes nothing but extreme inputs.
+  zc = jnp.clip(z, -_CLIP, _CLIP)
+  log_p = jax.nn.log_softmax(zc / temp, axis=-1)
+  log_q = jax.nn.log_softmax(jax.lax.stop_gradient(jnp.mean(zc, axis=1)) / temp, axis=-1)[:, None, :]
   kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)                          # (B, E)
   per_expert = ce + diversity_factor * temp_mean ** 2 * kl * _valid(t)[:, None]
   return jnp.sum(per_expert, axis=1)

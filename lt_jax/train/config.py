@@ -397,6 +397,9 @@ def validate_experts(c: ml_collections.ConfigDict) -> None:
     if name == names[0]:
       raise ConfigError(f"evals.{name}: the test-agnostic evaluator cannot be the first (primary) evaluator; "
                         "put a classification evaluator first")
+    if c.dataset.get("source", "memory") != "memory":
+      raise ConfigError(f"evals.{name}: the test-agnostic evaluator resamples the test split in memory; "
+                        "streamed datasets are not supported")
     if entry.get("aggregate", False) and not expert_model:
       raise ConfigError(f"evals.{name}.aggregate (SADE's test-time aggregation) needs a multi-expert model "
                         f"({', '.join(EXPERT_MODELS)})")

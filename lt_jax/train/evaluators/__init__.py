@@ -26,7 +26,7 @@ EVALUATORS = {
     "test_agnostic": TestAgnosticEvaluator,
 }
 # Evaluators that read whole in-memory splits (not available for streamed datasets).
-NEEDS_MEMORY = ("tau_norm", "posthoc", "ncm", "test_agnostic")
+NEEDS_MEMORY = ("tau_norm", "posthoc", "ncm")
 
 
 def make(type_name: str, ctx: EvalContext, **settings) -> Evaluator:
