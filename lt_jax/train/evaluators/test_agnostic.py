@@ -134,9 +134,10 @@ class TestAgnosticEvaluator(Evaluator):
     if self.aggregate:
       rows.append(("no aggregation", "no_aggregation_"))
     rows.append((f"post-hoc LA to known prior (tau_train={self.train_prior_tau:g})", "posthoc_"))
-    head = f"test-agnostic accuracy ({s['mode']}), %\n{'':<44}" + "".join(f"{d:>11}" for d in self.names)
-    lines = [head] + [f"{name:<44}" + "".join(f"{100 * s[p + d]:>11.2f}" for d in self.names) for name, p in rows]
+    w = 16 if self.aggregate else 11
+    lines = [f"test-agnostic accuracy ({s['mode']}), %", f"{'':<44}" + "".join(f"{d:>{w}}" for d in self.names)]
+    lines += [f"{name:<44}" + "".join(f"{100 * s[p + d]:>{w}.2f}" for d in self.names) for name, p in rows]
     if self.aggregate:
       lines.append(f"{'expert weights':<44}" + "".join(
-          f" {'/'.join(f'{w:.2f}' for w in s['weights_' + d]):>15}" for d in self.names))
+          f"{'/'.join(f'{v:.2f}' for v in s['weights_' + d]):>{w}}" for d in self.names))
     return "\n".join(lines)
