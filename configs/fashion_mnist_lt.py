@@ -8,7 +8,8 @@ Runs offline on a 2-core CPU in under 15 minutes (Fashion-MNIST comes from Debia
 
 Variant keys: ir, loss (a registry name, alias or recipe such as ldam_drw), sampler, head,
 seed, mix=mixup|cutmix|remix, bbn, stages=crt+tau_norm+..., epochs=<int> (scales the
-schedule), smoke.
+schedule), test_agnostic (adds the test-agnostic evaluator), smoke. ``loss=ride_drw`` (RIDE) and
+``loss=sade`` (SADE) switch the model to ``cnn_experts``.
 
   python launch.py --config=configs/fashion_mnist_lt.py:loss=ldam_drw --workdir=/tmp/fm_ldam
   python launch.py --config=configs/fashion_mnist_lt.py:stages=crt+tau_norm+ncm+posthoc \

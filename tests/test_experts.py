@@ -55,11 +55,11 @@ def test_expert_axis_parameter_shapes():
   k = np.asarray(experts["head"]["kernel"])
   assert np.abs(k[0] - k[1]).max() > 0.1                            # each expert has its own init key
   # ResNet-32 with RIDE's CIFAR settings: the closed form of the docstring, on the real tree.
-  for reduce, head in ((True, "cosine"), (False, "linear")):
-    r = models.get_model("resnet32_experts", num_classes=10, head=head, reduce_dimension=reduce)
+  for depth, reduce, head in ((32, True, "cosine"), (20, False, "linear")):
+    r = models.get_model(f"resnet{depth}_experts", num_classes=10, head=head, reduce_dimension=reduce)
     p = jax.eval_shape(lambda: r.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))["params"]
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(p))
-    assert n == models.param_count_expert_resnet(32, 10, 3, reduce, head)
+    assert n == models.param_count_expert_resnet(depth, 10, 3, reduce, head)
     assert p["experts"]["stage2_block0"]["conv1"]["kernel"].shape == (3, 3, 3, 16, 24 if reduce else 32)
   assert models.param_count_expert_resnet() == 770_896
 
@@ -67,11 +67,13 @@ def test_expert_axis_parameter_shapes():
 def test_model_output_and_evaluated_logits_are_the_mean_over_experts():
   m, v = _cnn_experts()
   x = jnp.asarray(_rand(1, (5, 8, 8, 1)), jnp.float32)
-  for train in (False, True):
-    kw = dict(train=True, mutable=["batch_stats"]) if train else dict(train=False)
-    out = m.apply(v, x, **kw)
-    exp = m.apply(v, x, experts=True, **kw)
-    (z, f), (ze, fe) = (out[0], exp[0]) if train else (out, exp)
+
+  @jax.jit
+  def outputs(v, x):  # one compilation for the four calls
+    train = lambda **kw: m.apply(v, x, train=True, mutable=["batch_stats"], **kw)[0]
+    return (m.apply(v, x, train=False), m.apply(v, x, train=False, experts=True)), (train(), train(experts=True))
+
+  for (z, f), (ze, fe) in outputs(v, x):
     assert ze.shape == (5, 3, 6) and fe.shape == (5, 3, 96) and z.shape == (5, 6) and f.shape == (5, 288)
     np.testing.assert_allclose(z, np.asarray(ze).mean(1), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(f, np.asarray(fe).reshape(5, -1))
@@ -81,7 +83,8 @@ def test_model_output_and_evaluated_logits_are_the_mean_over_experts():
   labels = jnp.array([0, 1, 2, 3, 4, 5, 0])
   step = make_eval_step(m, 6, (0.5,), (0.25,))
   got = step(v, jnp.asarray(images), labels, jnp.ones(7, bool))
-  ze = m.apply(v, (jnp.asarray(images, jnp.float32) / 255 - 0.5) / 0.25, train=False, experts=True)[0]
+  ze = jax.jit(lambda v, x: m.apply(v, x, train=False, experts=True)[0])(
+      v, (jnp.asarray(images, jnp.float32) / 255 - 0.5) / 0.25)
   want = sums_from_logits(jnp.mean(ze, 1), labels, 6, jnp.ones(7, bool))
   np.testing.assert_array_equal(got.confusion, want.confusion)
   np.testing.assert_allclose(got.nll.total, want.nll.total, rtol=1e-5)

@@ -192,7 +192,11 @@ def set_loss(c: ml_collections.ConfigDict, name: str) -> None:
   ``num_epochs`` (epoch 160 of 200, Cao et al., NeurIPS 2019); ``ce_drw`` the same with
   CE; ``focal_drw`` the same with LDAM-DRW's softmax focal (gamma 1) in its ``FocalLoss(weight=w)``
   convention (``form='ldam_drw'``, batch mean without weight normalisation, see
-  ``losses.focal_loss``); ``wce_sqrt`` weighted CE with ``(n_min / n_c)^(1/2)``. Set ``num_epochs`` first.
+  ``losses.focal_loss``); ``wce_sqrt`` weighted CE with ``(n_min / n_c)^(1/2)``; ``ride_drw`` the RIDE
+  loss (Wang et al., ICLR 2021) with the same deferred CB weights (and per-class diversity
+  temperatures) as ``ldam_drw``, the reference's ``reweight_epoch=160``. The multi-expert losses
+  (``ride``, ``ride_drw``, ``sade``) switch the model to its multi-expert version (:func:`use_experts`);
+  ``sade`` also adds the test-agnostic evaluator with test-time aggregation. Set ``num_epochs`` first.
   """
   recipe = name
   name = {"ldam_drw": "ldam", "focal_drw": "focal", "ce_drw": "ce", "ride_drw": "ride",
