@@ -27,7 +27,7 @@ ROWS = {
     "logit-adjusted loss": ("la", ""),
     "LA + known test prior (z + log pi')": ("la", "posthoc_"),
     "RIDE (3 experts)": ("ride", ""),
-    "SADE, mean of experts (no aggregation)": ("sade", "no_aggregation_"),
+    "SADE: mean of experts (no aggregation)": ("sade", "no_aggregation_"),
     "SADE + test-time aggregation": ("sade", ""),
 }
 
@@ -80,17 +80,19 @@ def main():
     if not tables:
       print(f"(no finished runs for {row!r})")
       continue
-    names = names or tables[0]["distributions"]
-    out[row] = {d: [100 * t[prefix + d] for t in tables] for d in names}
-    if prefix == "" and "weights_" + names[0] in tables[0]:
-      out[row]["weights"] = {d: np.mean([t["weights_" + d] for t in tables], 0).round(3).tolist() for d in names}
+    dists = tables[0]["distributions"]
+    names = names or dists
+    out[row] = {d: [100 * t[prefix + d] for t in tables] for d in dists}
+    if prefix == "" and "weights_" + dists[0] in tables[0]:
+      out[row]["weights"] = {d: np.mean([t["weights_" + d] for t in tables], 0).round(3).tolist() for d in dists}
   print(f"\ntest-agnostic accuracy (%), {a.root}, seeds {seeds}: mean ± std")
   print("| method | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
   for row, cols in out.items():
-    print(f"| {row} | " + " | ".join(f"{np.mean(cols[d]):.2f} ± {np.std(cols[d]):.2f}" for d in names) + " |")
+    print(f"| {row} | " + " | ".join(f"{np.mean(cols[d]):.2f} ± {np.std(cols[d]):.2f}" if d in cols else "n/a"
+                                     for d in names) + " |")
   for row, cols in out.items():
     if "weights" in cols:
-      print(f"\n{row}: mean expert weights " + ", ".join(f"{d} {cols['weights'][d]}" for d in names))
+      print(f"\n{row}: mean expert weights " + ", ".join(f"{d} {w}" for d, w in cols["weights"].items()))
   with open(os.path.join(a.root, "test_agnostic_table.json"), "w") as f:
     json.dump({"seeds": seeds, "rows": out}, f, indent=2)
 
