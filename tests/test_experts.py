@@ -64,6 +64,25 @@ def test_expert_axis_parameter_shapes():
   assert models.param_count_expert_resnet() == 770_896
 
 
+def test_expert_conv_under_vmap_equals_the_grouped_convolution():
+  """One convolution per expert (values and both gradients) = what vmap makes of lax.conv."""
+  from lt_jax.models.experts import _conv, expert_conv2d
+  x = jnp.asarray(_rand(0, (3, 2, 6, 6, 4)), jnp.float32)      # (E, B, H, W, C)
+  w = jnp.asarray(_rand(1, (3, 3, 3, 4, 5)), jnp.float32)      # (E, kh, kw, C, O)
+  g = jnp.asarray(_rand(2, (3, 2, 3, 3, 5)), jnp.float32)
+  for conv in (expert_conv2d, _conv):
+    f = jax.vmap(lambda x, w, conv=conv: conv(x, w, 2, 1))
+    out, vjp = jax.vjp(f, x, w)
+    if conv is expert_conv2d:
+      got = (out, *vjp(g))
+    else:
+      want = (out, *vjp(g))
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  shared = jax.vmap(lambda w: expert_conv2d(x[0], w, 1, 1))(w)   # shared input, per-expert kernels
+  np.testing.assert_allclose(shared[2], _conv(x[0], w[2], 1, 1), rtol=1e-6, atol=1e-6)
+
+
 def test_model_output_and_evaluated_logits_are_the_mean_over_experts():
   m, v = _cnn_experts()
   x = jnp.asarray(_rand(1, (5, 8, 8, 1)), jnp.float32)
