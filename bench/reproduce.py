@@ -54,6 +54,8 @@ RUNS = {
     "bbn": ("bbn", False),
     "mixup": ("mix=mixup", False),
     "remix": ("mix=remix", False),
+    "ride": ("loss=ride_drw,test_agnostic", False),  # 3 experts; the test-agnostic table in summary.json
+    "sade": ("loss=sade", False),                    # 3 experts; + test-time aggregation (test_agnostic)
 }
 # table row -> (run, stage or None for the joint model)
 ROWS = {
@@ -74,6 +76,8 @@ ROWS = {
     "BBN": ("bbn", None),
     "Mixup": ("mixup", None),
     "Remix": ("remix", None),
+    "RIDE (3 experts, LDAM-DRW + diversity)": ("ride", None),
+    "SADE (3 experts, mean, no aggregation)": ("sade", None),
 }
 
 

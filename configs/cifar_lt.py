@@ -9,8 +9,10 @@ lr x0.01 at epoch 160 and x0.0001 at 180; pad-4 crop + flip; exp profile, subset
 
 Variant keys: dataset=cifar10|cifar100, ir=<float>, loss=<registry name or alias>,
 sampler=instance|class_balanced|sqrt|progressive|class_aware|reversed, head=linear|cosine|lws,
-seed=<int>, mix=mixup|cutmix|remix, bbn, stages=crt+lws+tau_norm+ncm+posthoc, epochs=<int>, smoke;
-a population (lt_jax.train.population): seeds=0+1+2, losses=ce+la+bs, samplers=instance+cb.
+seed=<int>, mix=mixup|cutmix|remix, bbn, stages=crt+lws+tau_norm+ncm+posthoc, epochs=<int>,
+test_agnostic, smoke; a population (lt_jax.train.population): seeds=0+1+2, losses=ce+la+bs,
+samplers=instance+cb. ``loss=ride_drw`` / ``loss=sade``: RIDE / SADE on ``resnet32_experts``
+(3 experts of 24/48 channels, as their CIFAR configs).
 """
 
 from lt_jax.train import config as cfg

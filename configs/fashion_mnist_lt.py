@@ -8,8 +8,9 @@ Runs offline on a 2-core CPU in under 15 minutes (Fashion-MNIST comes from Debia
 
 Variant keys: ir, loss (a registry name, alias or recipe such as ldam_drw), sampler, head,
 seed, mix=mixup|cutmix|remix, bbn, stages=crt+tau_norm+..., epochs=<int> (scales the
-schedule), smoke; a population (``lt_jax.train.population``): seeds=0+1+2, losses=ce+la+bs,
-samplers=instance+cb.
+schedule), test_agnostic (adds the test-agnostic evaluator), smoke; a population
+(``lt_jax.train.population``): seeds=0+1+2, losses=ce+la+bs, samplers=instance+cb.
+``loss=ride_drw`` (RIDE) and ``loss=sade`` (SADE) switch the model to ``cnn_experts``.
 
   python launch.py --config=configs/fashion_mnist_lt.py:seeds=0+1+2,losses=ce+la+bs --workdir=/tmp/fm_pop
 

@@ -46,6 +46,8 @@ _SHAPES = {
     "resnet44": ((2, 32, 32, 3), 64), "resnet56": ((2, 32, 32, 3), 64),
     "cnn": ((2, 28, 28, 1), 128), "resnet50": ((2, 32, 32, 3), 2048),
     "resnext50": ((2, 32, 32, 3), 2048),
+    "cnn_experts": ((2, 28, 28, 1), 3 * 96), "resnet20_experts": ((2, 32, 32, 3), 3 * 48),  # E * D features
+    "resnet32_experts": ((2, 32, 32, 3), 3 * 48),
 }
 
 
@@ -432,7 +434,7 @@ def test_get_model_errors_and_defaults():
   assert isinstance(m, CifarResNet) and m.depth == 32 and m.conv_impl == "xla" and m.bn_impl == "auto"
   assert models.get_model("resnext50").groups == 32
   assert set(models.MODELS) == {"resnet20", "resnet32", "resnet44", "resnet56", "cnn", "resnet50",
-                                "resnext50"}
+                                "resnext50", "cnn_experts", "resnet20_experts", "resnet32_experts"}
 
 
 def test_cpu_compiler_options():

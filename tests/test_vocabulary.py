@@ -19,12 +19,14 @@ def test_every_registry_loss_is_a_variant_with_the_registry_defaults(name):
   c = fashion_mnist_lt.get_config(f"loss={name}")           # the variant ...
   d = fashion_mnist_lt.get_config()
   d.loss.name, d.loss.hparams = name, losses.default_hparams(name)  # ... == --config.loss.name=<name>
+  if name in losses.EXPERT_LOSSES:  # multi-expert losses also need the multi-expert model the variant sets
+    d.model = c.model
   assert c.loss.name == d.loss.name == name
   assert c.loss.hparams.to_dict() == losses.default_hparams(name)
   cfg.validate(c)
   cfg.validate(d)
   # The config's hparams build the same loss as the registry's own defaults.
-  z = jax.random.normal(jax.random.key(1), (6, 10))
+  z = jax.random.normal(jax.random.key(1), (6, 3, 10) if name in losses.EXPERT_LOSSES else (6, 10))
   y = jnp.array([0, 1, 2, 9, 9, 5])
   counts = jnp.asarray([500., 300, 200, 120, 80, 50, 30, 20, 10, 5])
   a, b = losses.make_loss(name), losses.make_loss(name, **c.loss.hparams.to_dict())

@@ -26,6 +26,8 @@ Conventions (shared by every function here)
 * **Padding rows**: an int label outside ``[0, C)`` (e.g. ``-1``) or an all-zero soft row has no
   target mass; its loss is exactly 0 and it contributes nothing to running statistics (Seesaw
   counts, EQL v2 gradients) nor to ``weight_norm='batch'`` sums. Use it for padded batches.
+* Multi-expert losses (:data:`EXPERT_LOSSES`: ``ride``, ``sade``; :mod:`lt_jax.losses.experts`) take
+  the experts' logits ``(B, E, C)`` instead of ``(B, C)``; everything else above holds for them.
 * Zero-count classes follow the rule of :mod:`lt_jax.priors` (``safe_counts``): every log-prior,
   margin and weight is finite.
 """
@@ -40,8 +42,10 @@ from lt_jax.losses.functions import (
     softmax_equalization_loss, seesaw_loss, sigmoid_cross_entropy, sigmoid_focal_loss,
     class_balanced_loss, equalization_loss, eqlv2_class_weights, eqlv2_loss, eqlv2_grad_stats,
     FOCAL_FORMS)
+from lt_jax.losses.experts import (
+    check_expert_logits, inverse_prior, ride_diversity_weights, ride_loss, sade_logit_adjustments, sade_loss)
 from lt_jax.losses.registry import (
-    LOSSES, Loss, default_hparams, make_loss)
+    EXPERT_LOSSES, LOSSES, Loss, default_hparams, make_loss)
 
 __all__ = [
     "Loss", "LOSSES", "make_loss", "as_targets", "softmax_cross_entropy",
@@ -51,5 +55,6 @@ __all__ = [
     "FOCAL_FORMS", "sigmoid_cross_entropy", "sigmoid_focal_loss", "class_balanced_loss", "ldam_loss",
     "logit_adjusted_loss", "balanced_softmax_loss", "generalized_logit_adjusted_loss",
     "equalization_loss", "softmax_equalization_loss", "eqlv2_class_weights", "eqlv2_loss",
-    "eqlv2_grad_stats", "seesaw_loss", "default_hparams"
+    "eqlv2_grad_stats", "seesaw_loss", "default_hparams", "EXPERT_LOSSES", "check_expert_logits",
+    "inverse_prior", "ride_diversity_weights", "ride_loss", "sade_logit_adjustments", "sade_loss"
 ]

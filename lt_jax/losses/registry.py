@@ -13,6 +13,7 @@ from lt_jax.losses.functions import (
     generalized_logit_adjusted_loss, label_smoothing_cross_entropy, ldam_loss, logit_adjusted_loss,
     resolve_class_weights, seesaw_loss, sigmoid_cross_entropy, sigmoid_focal_loss,
     softmax_cross_entropy, softmax_equalization_loss)
+from lt_jax.losses.experts import check_expert_logits, ride_loss, sade_loss
 
 
 class Loss(NamedTuple):
@@ -29,6 +30,7 @@ class _Spec(NamedTuple):
   build: Callable         # hp -> core(z, labels, t, prior, state, ex_w) -> (loss, state updates)
   state: Callable | None  # (num_classes, hp) -> dict of running statistics, or None
   needs_step: Callable    # hp -> whether the state carries a step counter
+  experts: bool = False   # logits are (B, E, C) expert logits (lt_jax.losses.experts)
 
 
 def _scale(loss: Array, ex_w: Array | None) -> Array:
@@ -80,6 +82,23 @@ def _build_focal(hp):
       ce = focal_loss(z, t, gamma=0.0, alpha=hp["alpha"])
       return focal_modulate(ce if ex_w is None else ce * ex_w, hp["gamma"]), {}
     return _scale(focal_loss(z, labels, gamma=hp["gamma"], alpha=hp["alpha"]), ex_w), {}
+  return core
+
+
+def _build_ride(hp):
+  def core(z, labels, t, prior, state, ex_w):
+    # RIDE switches its CE weights and its per-class diversity temperatures together: both are on
+    # whenever the (deferred) class weights are (RIDELoss._hook_before_epoch).
+    if ex_w is None:
+      on = False
+    elif hp["drw_start"] is None:
+      on = True
+    else:
+      on = state["step"] >= hp["drw_start"]
+    loss = ride_loss(z, labels, prior, max_m=hp["max_m"], s=hp["s"], diversity_factor=hp["diversity_factor"],
+                     diversity_temperature=hp["diversity_temperature"], reweight_factor=hp["reweight_factor"],
+                     example_weights=ex_w, reweighted=on)
+    return loss, {}
   return core
 
 
@@ -145,10 +164,18 @@ _SPECS: dict[str, _Spec] = {
                     lambda C, hp: ({"cum_counts": jnp.zeros((C,), jnp.float32)}
                                    if hp["online"] else None),
                     _no_step),
+    # Multi-expert losses: logits (B, E, C) from a *_experts model (lt_jax.losses.experts).
+    "ride": _Spec({"max_m": 0.5, "s": 30.0, "diversity_factor": -0.45, "diversity_temperature": 1.0,
+                   "reweight_factor": 0.05}, "optional", _build_ride, None, _no_step, experts=True),
+    "sade": _Spec({"tau": 2.0}, "optional",
+                  _stateless(lambda z, y, pr, hp: sade_loss(z, y, pr, tau=hp["tau"])),
+                  None, _no_step, experts=True),
 }
 
 
 LOSSES: tuple[str, ...] = tuple(_SPECS)
+# Losses of (B, E, C) expert logits: the train step calls the model with experts=True for them.
+EXPERT_LOSSES: tuple[str, ...] = tuple(n for n, s in _SPECS.items() if s.experts)
 
 
 def default_hparams(name: str) -> dict[str, Any]:
@@ -196,8 +223,13 @@ def _validate_own(name: str, hp: dict, explicit: set) -> None:
     need(0.0 <= hp["epsilon"] <= 1.0, f"epsilon must be in [0, 1], got {hp['epsilon']}")
   if name == "focal":
     need(hp["form"] in FOCAL_FORMS, f"unknown form {hp['form']!r}; valid forms: {', '.join(FOCAL_FORMS)}")
-  if name == "ldam":
+  if name in ("ldam", "ride"):
     need(hp["max_m"] > 0 and hp["s"] > 0, f"max_m and s must be > 0, got {hp['max_m']}, {hp['s']}")
+  if name == "ride":
+    need(hp["diversity_temperature"] > 0, f"diversity_temperature must be > 0, got {hp['diversity_temperature']}")
+    need(0.0 <= hp["reweight_factor"] < 1.0, f"reweight_factor must be in [0, 1) (temperatures stay > 0), "
+                                             f"got {hp['reweight_factor']}")
+    need(np.isfinite(hp["diversity_factor"]), f"diversity_factor must be finite, got {hp['diversity_factor']}")
   if name == "seesaw":
     need(hp["p"] >= 0 and hp["q"] >= 0 and hp["eps"] > 0,
          f"need p >= 0, q >= 0, eps > 0, got {hp['p']}, {hp['q']}, {hp['eps']}")
@@ -229,7 +261,11 @@ def make_loss(name: str, **hparams) -> Loss:
   * ``ldam`` (max_m=0.5, s=30.0); ``logit_adjusted`` (tau=1.0); ``balanced_softmax``;
     ``generalized_la`` (tau=1.0, or delta=(C, C) matrix; alpha=None (C,) vector);
   * ``eql`` (lam=0.00177); ``seql`` (lam=0.005, gamma=0.9, stochastic=True, seed=0);
-    ``eqlv2`` (gamma=12.0, mu=0.8, alpha=4.0); ``seesaw`` (p=0.8, q=2.0, eps=0.01, online=True).
+    ``eqlv2`` (gamma=12.0, mu=0.8, alpha=4.0); ``seesaw`` (p=0.8, q=2.0, eps=0.01, online=True);
+  * multi-expert (:data:`EXPERT_LOSSES`, logits ``(B, E, C)``): ``ride`` (max_m=0.5, s=30.0,
+    diversity_factor=-0.45, diversity_temperature=1.0, reweight_factor=0.05; with ``weights`` and
+    ``drw_start`` its per-class diversity temperatures switch on with the weights, see
+    :func:`lt_jax.losses.experts.ride_loss`); ``sade`` (tau=2.0, exactly 3 experts).
 
   Class weighting, accepted by every entry except ``cb_*`` (whose weights are intrinsic; they still
   accept ``weight_norm`` and ``drw_start``):
@@ -322,7 +358,7 @@ def make_loss(name: str, **hparams) -> Loss:
     if not (isinstance(drw_start, (int, np.integer)) and drw_start >= 0):
       raise ValueError(f"make_loss({name!r}): drw_start must be an int >= 0 (steps), got {drw_start!r}")
 
-  core = spec.build(own)
+  core = spec.build(dict(own, drw_start=drw_start) if spec.experts else own)
   has_step = spec.needs_step(own) or drw_start is not None
   state_fn = spec.state
   stateful = has_step or (state_fn is not None and state_fn(1, own) is not None)
@@ -337,7 +373,7 @@ def make_loss(name: str, **hparams) -> Loss:
 
   def apply(logits: Array, labels: Array, prior_or_counts: Array,
             state: PyTree) -> tuple[Array, PyTree]:
-    z = _check_logits(logits)
+    z = check_expert_logits(logits) if spec.experts else _check_logits(logits)
     C = z.shape[-1]
     t = as_targets(labels, C)
     if stateful and not isinstance(state, dict):

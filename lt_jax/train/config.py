@@ -38,7 +38,7 @@ BBN_MODELS = ("cnn", "resnet20", "resnet32", "resnet44", "resnet56")
 LOSS_ALIASES = {"la": "logit_adjusted", "bs": "balanced_softmax", "cb": "cb_softmax",
                 "wce": "weighted_ce", "ls": "label_smoothing"}
 # Named recipes that are a loss plus settings (set_loss).
-LOSS_RECIPES = ("ldam_drw", "focal_drw", "wce_sqrt", "ce_drw")
+LOSS_RECIPES = ("ldam_drw", "focal_drw", "wce_sqrt", "ce_drw", "ride_drw")
 SAMPLER_ALIASES = {"cb": "class_balanced", "class": "class_balanced", "balanced": "class_balanced",
                    "sqrt_balanced": "sqrt", "aware": "class_aware", "ib": "instance"}
 
@@ -185,6 +185,10 @@ def apply_common_variants(c: ml_collections.ConfigDict, variant: dict, allowed: 
   for key in ("seeds", "losses", "samplers"):  # a population (lt_jax.train.population), '+'-joined
     if key in variant:
       c.population[key] = str(variant[key]).replace("+", ",")
+  if "test_agnostic" in variant and "test_agnostic" not in c.evals:
+    add_test_agnostic(c)
+  if variant.get("smoke") and "test_agnostic" in c.evals:  # a smoke run takes seconds: one small table
+    c.evals.test_agnostic.update(dict(imbalances=(10,), epochs=1, max_per_class=20))
   return c
 
 
@@ -197,7 +201,7 @@ def variant_number(variant: dict, key: str, kind=float):
                       ) from None
 
 
-COMMON_VARIANTS = ("ir", "loss", "sampler", "head", "seed", "mix", "bbn", "stages", "epochs",
+COMMON_VARIANTS = ("ir", "loss", "sampler", "head", "seed", "mix", "bbn", "stages", "epochs", "test_agnostic",
                    "seeds", "losses", "samplers")
 
 
@@ -218,10 +222,14 @@ def set_loss(c: ml_collections.ConfigDict, name: str) -> None:
   ``num_epochs`` (epoch 160 of 200, Cao et al., NeurIPS 2019); ``ce_drw`` the same with
   CE; ``focal_drw`` the same with LDAM-DRW's softmax focal (gamma 1) in its ``FocalLoss(weight=w)``
   convention (``form='ldam_drw'``, batch mean without weight normalisation, see
-  ``losses.focal_loss``); ``wce_sqrt`` weighted CE with ``(n_min / n_c)^(1/2)``. Set ``num_epochs`` first.
+  ``losses.focal_loss``); ``wce_sqrt`` weighted CE with ``(n_min / n_c)^(1/2)``; ``ride_drw`` the RIDE
+  loss (Wang et al., ICLR 2021) with the same deferred CB weights (and per-class diversity
+  temperatures) as ``ldam_drw``, the reference's ``reweight_epoch=160``. The multi-expert losses
+  (``ride``, ``ride_drw``, ``sade``) switch the model to its multi-expert version (:func:`use_experts`);
+  ``sade`` also adds the test-agnostic evaluator with test-time aggregation. Set ``num_epochs`` first.
   """
   recipe = name
-  name = {"ldam_drw": "ldam", "focal_drw": "focal", "ce_drw": "ce",
+  name = {"ldam_drw": "ldam", "focal_drw": "focal", "ce_drw": "ce", "ride_drw": "ride",
           "wce_sqrt": "weighted_ce"}.get(name, LOSS_ALIASES.get(name, name))
   if name not in _losses.LOSSES:
     raise ConfigError(f"unknown loss {name!r}; valid losses: {', '.join(_losses.LOSSES)} "
@@ -230,7 +238,7 @@ def set_loss(c: ml_collections.ConfigDict, name: str) -> None:
   c.loss.name = name
   c.loss.hparams = ml_collections.ConfigDict(_losses.default_hparams(name))
   c.loss.drw_epoch = -1.0
-  if recipe in ("ldam_drw", "ce_drw", "focal_drw"):
+  if recipe in ("ldam_drw", "ce_drw", "focal_drw", "ride_drw"):
     c.loss.hparams.update(weights="effective_number", beta=0.9999, weight_norm="batch")
     if recipe == "focal_drw":  # LDAM-DRW FocalLoss(weight=w): w_y CE inside (1-exp(-.))^gamma, plain mean
       c.loss.hparams.update(form="ldam_drw", weight_norm="none")
@@ -241,6 +249,47 @@ def set_loss(c: ml_collections.ConfigDict, name: str) -> None:
   if name == "ldam":  # LDAM uses a cosine classifier (NormedLinear), scale s in the loss
     c.model.head = "cosine"
     c.model.cosine_scale = 1.0
+  if name in _losses.EXPERT_LOSSES:  # RIDE / SADE read the experts' logits: a multi-expert model
+    use_experts(c)
+  if name == "sade" and "test_agnostic" not in c.evals:  # its test-time aggregation is the method
+    add_test_agnostic(c, aggregate=True)
+
+
+EXPERT_MODELS = _models.EXPERT_MODELS
+
+
+def use_experts(c: ml_collections.ConfigDict, num_experts: int = 3) -> None:
+  """Switches ``c.model`` to the multi-expert version of its backbone (``cnn`` -> ``cnn_experts``,
+  ``resnet32`` -> ``resnet32_experts``) with the RIDE/SADE CIFAR settings: ``num_experts`` experts
+  narrowed by ``reduce_dimension``, a cosine head per expert with ``cosine_scale = 30`` (the
+  reference's ``NormedLinear`` times ``s``). Adds ``model.num_experts`` / ``model.reduce_dimension``.
+  """
+  single = {v: k for k, v in EXPERT_MODELS.items()}
+  if c.model.name not in EXPERT_MODELS:
+    if c.model.name not in single:
+      raise ConfigError(f"no multi-expert version of model {c.model.name!r}; multi-expert models: "
+                        f"{', '.join(f'{k} (from {v})' for k, v in EXPERT_MODELS.items())}")
+    c.model.name = single[c.model.name]
+  c.model.head = "cosine"
+  c.model.cosine_scale = 30.0
+  if "num_experts" not in c.model:
+    c.model.num_experts = num_experts
+    c.model.reduce_dimension = True
+
+
+def add_test_agnostic(c: ml_collections.ConfigDict, aggregate: bool = False) -> None:
+  """Adds the test-agnostic evaluator (``lt_jax.train.evaluators.test_agnostic``) as ``evals.test_agnostic``.
+
+  It runs once, at the end of the stage (``every_steps`` beyond any run), and its table goes into
+  ``summary.json``. ``aggregate`` (SADE): test-time aggregation of the experts on each resampled
+  test set. The post-hoc row removes ``log pi_train`` from CE-like logits (``train_prior_tau=1``),
+  not from those of the logit-adjusted loss or Balanced Softmax (0), whose logits are balanced.
+  Call after the loss is set (``loss=`` is applied first among the variants).
+  """
+  balanced_logits = c.loss.name in ("logit_adjusted", "balanced_softmax")
+  c.evals.test_agnostic = ml_collections.ConfigDict(dict(
+      type="test_agnostic", split="test", aggregate=bool(aggregate), every_steps=10 ** 9,
+      train_prior_tau=0.0 if balanced_logits else 1.0, crop_pad=int(c.augment.crop_pad)))
 
 
 def _choice(value, valid, what):
@@ -349,6 +398,45 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
       raise ConfigError("model.bbn and mix cannot be combined (BBN mixes features of two samplers)")
   validate_stages(c)
   validate_evals(c)
+  validate_experts(c)
+
+
+def validate_experts(c: ml_collections.ConfigDict) -> None:
+  """Multi-expert models and losses (RIDE, SADE) and the test-agnostic evaluator's needs."""
+  expert_model = c.model.name in EXPERT_MODELS
+  if c.loss.name in _losses.EXPERT_LOSSES and not expert_model:
+    raise ConfigError(f"loss {c.loss.name!r} takes the experts' logits: model.name must be a multi-expert "
+                      f"model ({', '.join(EXPERT_MODELS)}); loss={c.loss.name} as a variant switches it")
+  if expert_model:
+    from lt_jax.models.experts import EXPERT_HEADS
+    _choice(c.model.head, EXPERT_HEADS, "head of a multi-expert model")
+    n = c.model.get("num_experts", 3)
+    if not isinstance(n, int) or n < 1:
+      raise ConfigError(f"model.num_experts must be an integer >= 1, got {n!r}")
+    if c.loss.name == "sade" and n != 3:
+      raise ConfigError(f"loss 'sade' trains exactly 3 experts (forward, uniform, backward), model.num_experts={n}")
+    if c.model.bbn:
+      raise ConfigError("model.bbn and a multi-expert model cannot be combined")
+    bad = [s for s in stage_names(c) if s in ("crt", "lws", "bags", "tau_norm")]
+    if bad:
+      raise ConfigError(f"stages {', '.join(bad)} retrain or rescale params['head'], which a multi-expert model "
+                        "does not have (one head per expert); posthoc and ncm work on its mean logits / features")
+    if c.loss.name == "ride" and c.model.head == "cosine" and c.loss.hparams.s != c.model.cosine_scale:
+      raise ConfigError(f"loss.hparams.s={c.loss.hparams.s} must equal model.cosine_scale={c.model.cosine_scale}: "
+                        "RIDE's margins are s * m_y on the experts' s-scaled cosine logits")
+  names = list(c.evals.keys())
+  for name, entry in c.evals.items():
+    if entry.get("type") != "test_agnostic":
+      continue
+    if name == names[0]:
+      raise ConfigError(f"evals.{name}: the test-agnostic evaluator cannot be the first (primary) evaluator; "
+                        "put a classification evaluator first")
+    if c.dataset.get("source", "memory") != "memory":
+      raise ConfigError(f"evals.{name}: the test-agnostic evaluator resamples the test split in memory; "
+                        "streamed datasets are not supported")
+    if entry.get("aggregate", False) and not expert_model:
+      raise ConfigError(f"evals.{name}.aggregate (SADE's test-time aggregation) needs a multi-expert model "
+                        f"({', '.join(EXPERT_MODELS)})")
 
 
 def validate_evals(c: ml_collections.ConfigDict) -> None:

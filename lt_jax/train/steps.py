@@ -39,6 +39,9 @@ class StepConfig(NamedTuple):
   ``mix``: ``'none'`` | ``'mixup'`` | ``'cutmix'`` | ``'remix'`` (:mod:`lt_jax.mixing`).
   ``bbn``: BBN two-sampler training (a second, reversed-sampler batch and the cumulative
   ``alpha``; the model must be built with ``bbn=True``).
+  ``experts``: the loss takes the experts' logits ``(B, E, C)`` (RIDE, SADE:
+  ``losses.EXPERT_LOSSES``); the model (a ``*_experts`` model) is called with ``experts=True``
+  and the reported accuracy is that of the mean over experts, the model's prediction.
   """
   batch_size: int
   steps_per_epoch: int
@@ -58,6 +61,7 @@ class StepConfig(NamedTuple):
   remix_tau: float = 0.5
   bbn: bool = False
   bbn_div_epoch: int = 0  # BBN T_div; 0: decoupled.bbn_div_epoch(num_epochs), the reference rule
+  experts: bool = False
 
 
 def _instance_indices(key: jax.Array, step: jax.Array, n: int, sc: StepConfig) -> jax.Array:
@@ -184,6 +188,8 @@ def train_step_fn(model, tx: optax.GradientTransformation, loss: losses_lib.Loss
       alpha = decoupled.bbn_alpha(state.step // sc.steps_per_epoch + 1, sc.num_epochs, sc.bbn_div_epoch or None)
       kw = {"x_rb": augment.normalize(x_rb, sc.mean, sc.std), "alpha": alpha}
       labels2, w = rb[1], jnp.broadcast_to(alpha, labels.shape)
+    if sc.experts:
+      kw = dict(kw, experts=True)
 
     def loss_fn(params):
       variables = {"params": params, "batch_stats": state.batch_stats}
@@ -205,7 +211,8 @@ def train_step_fn(model, tx: optax.GradientTransformation, loss: losses_lib.Loss
                               opt_state=opt_state, loss_state=loss_state)
     shown = grads if grad_mask is None else jax.tree.map(
         lambda g, m: g if m else jnp.zeros((), g.dtype), grads, grad_mask)
-    scores = logits if logit_fn is None else logit_fn(logits)
+    scores = jnp.mean(logits, axis=1) if sc.experts else logits
+    scores = scores if logit_fn is None else logit_fn(scores)
     metrics = {"loss": value, "accuracy": jnp.mean(jnp.argmax(scores, -1) == labels),
                "lr": schedule(state.step), "grad_norm": optax.tree_utils.tree_norm(shown)}
     return new_state, metrics

@@ -32,7 +32,7 @@ import optax
 
 from lt_jax import decoupled, heads, losses, metrics, priors, samplers
 from lt_jax.data import longtail
-from lt_jax.models import get_model
+from lt_jax.models import EXPERT_MODELS, get_model
 from lt_jax.train import checkpoint, config as config_lib, durations, evaluators, loop, optim, report, steps
 from lt_jax.train import workdir as workdir_lib
 from lt_jax.train.loop import NonFiniteLossError  # noqa: F401  (re-exported: the run's error)
@@ -56,6 +56,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, head: str |
   kw = {"cosine_scale": m.cosine_scale} if head == "cosine" else {}
   if m.bbn:
     kw["bbn"] = True
+  if m.name in EXPERT_MODELS:  # RIDE / SADE (config.use_experts adds these fields)
+    kw.update(num_experts=int(m.get("num_experts", 3)), reduce_dimension=bool(m.get("reduce_dimension", True)))
   return get_model(m.name, num_classes=num_classes, head=head,
                    dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32, **kw)
 
@@ -225,17 +227,20 @@ def configured_evals(ctx: Context, model, logit_fn=None) -> list[tuple[str, eval
 
 def final_eval(ctx: Context, evs, variables, workdir: str | None = None, step: int = 0):
   """``(summary, sums)`` of the primary evaluator (the first of ``config.evals``) at the end of a stage;
-  every evaluator's summary goes to ``workdir/metrics.jsonl`` (split = its name)."""
-  first = None
+  every evaluator's summary goes to ``workdir/metrics.jsonl`` (split = its name), and that of an
+  evaluator with ``in_summary`` (the test-agnostic table) also into the summary, under its name."""
+  first, tables = None, {}
   writer = report.MetricWriter(workdir, enabled=ctx.env.is_main) if workdir else None
   for name, ev, _ in evs:
     res = ev.evaluate(variables)
+    if first is not None and getattr(ev, "in_summary", False):
+      tables[name] = res.summary
     first = first or res
     if writer is not None:
       writer.write(step, name, res.summary)
   if writer is not None:
     writer.close()
-  return first.summary, first.sums
+  return {**first.summary, **tables}, first.sums
 
 
 def make_loss(c: ml_collections.ConfigDict, steps_per_epoch: int, **hparams) -> losses.Loss:
@@ -255,7 +260,7 @@ def joint_spec(ctx: Context, workdir: str) -> StageSpec:
   sc = _step_config(ctx, c.sampler.name, c.num_epochs, bn_train=True)
   sc = sc._replace(defer_epochs=int(c.sampler.defer_epochs), mix=c.mix.name, mix_alpha=float(c.mix.alpha),
                    remix_kappa=float(c.mix.kappa), remix_tau=float(c.mix.tau), bbn=bool(c.model.bbn),
-                   bbn_div_epoch=int(c.model.bbn_div_epoch))
+                   bbn_div_epoch=int(c.model.bbn_div_epoch), experts=c.loss.name in losses.EXPERT_LOSSES)
   return StageSpec("joint", workdir, build_model(c, ctx.data.num_classes), make_loss(c, ctx.steps_per_epoch),
                    c.optim, c.num_epochs, sc, "all", c.to_dict())
 

@@ -15,6 +15,7 @@ from lt_jax.train.evaluators.common import EvalContext, EvalResult, Evaluator, M
 from lt_jax.train.evaluators.ncm import NCMEvaluator
 from lt_jax.train.evaluators.regression import RegressionEvaluator
 from lt_jax.train.evaluators.sweeps import GRID, PosthocEvaluator, TauNormEvaluator
+from lt_jax.train.evaluators.test_agnostic import TestAgnosticEvaluator
 
 EVALUATORS = {
     "classification": ClassificationEvaluator,
@@ -22,6 +23,7 @@ EVALUATORS = {
     "posthoc": PosthocEvaluator,
     "ncm": NCMEvaluator,
     "regression": RegressionEvaluator,
+    "test_agnostic": TestAgnosticEvaluator,
 }
 # Evaluators that read whole in-memory splits (not available for streamed datasets).
 NEEDS_MEMORY = ("tau_norm", "posthoc", "ncm")
