@@ -53,3 +53,9 @@ __all__ = [
     "equalization_loss", "softmax_equalization_loss", "eqlv2_class_weights", "eqlv2_loss",
     "eqlv2_grad_stats", "seesaw_loss", "default_hparams"
 ]
+
+from lt_jax.losses.contrastive import (  # noqa: E402  (contrastive losses: projections, not logits)
+    Queue, balanced_contrastive_loss, nt_xent_loss, paco_loss, queue_init, queue_push, supcon_loss)
+
+__all__ += ["Queue", "balanced_contrastive_loss", "nt_xent_loss", "paco_loss", "queue_init", "queue_push",
+            "supcon_loss"]
