@@ -44,6 +44,11 @@ RUNS = {
     "bbn": ("bbn", False),
     "mixup": ("mix=mixup", False),
     "remix": ("mix=remix", False),
+    # contrastive joint stages (lt_jax.train.contrastive); SimCLR/SupCon train no classifier themselves
+    "simclr": ("contrastive=simclr,stages=crt+finetune", False),
+    "supcon": ("contrastive=supcon,stages=crt", False),
+    "bcl": ("contrastive=bcl", False),
+    "paco": ("contrastive=paco", False),
 }
 # table row -> (run, stage or None for the joint model)
 ROWS = {
@@ -64,6 +69,11 @@ ROWS = {
     "BBN": ("bbn", None),
     "Mixup": ("mixup", None),
     "Remix": ("remix", None),
+    "SimCLR + cRT": ("simclr", "crt"),
+    "SimCLR + fine-tune (CE)": ("simclr", "finetune"),
+    "SupCon + cRT": ("supcon", "crt"),
+    "BCL": ("bcl", None),
+    "PaCo": ("paco", None),
 }
 
 
