@@ -298,7 +298,8 @@ def _paco_run(tiny, num_devices, num_steps=3):
   tx = optax.sgd(0.1, momentum=0.9)
   loss = losses.make_loss("ce")
   state = create_state(model, tx, loss, C, (HW, HW, 1), 0, mesh)
-  cs = contrastive.ContrastiveSettings("paco", temperature=0.2, alpha=0.5, momentum=0.9, queue_size=16)
+  cs = contrastive.ContrastiveSettings("paco", temperature=0.2, base_temperature=0.0, alpha=0.5, momentum=0.9,
+                                        queue_size=16)
   state = contrastive.init_method_state(state, cs, C, 0, mesh)
   step = contrastive.make_contrastive_step(model, tx, loss, lambda s: 0.1, put_global(counts, replicated(mesh)),
                                            _sc(), cs, mesh)

@@ -98,7 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
           name="sgd", lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4, schedule="cosine",
           warmup_epochs=0.0, decay_epochs=(), decay_factor=0.1))))
   # Contrastive joint stage (set_contrastive sets a method with its reference's settings):
-  # multi-view input, a projection head on the backbone, the method's update function.
+  # multi-view input, a projection head on the backbone, the method's update function. The loss
+  # is scaled by temperature / base_temperature (SupContrast); base_temperature = 0: no scaling.
   c.contrastive = ml_collections.ConfigDict(dict(
       method="none", temperature=0.07, base_temperature=0.07, proj_dim=128, proj_hidden=0, proj_bn=False,
       alpha=1.0, beta=0.35, gamma=1.0, supt=1.0, momentum=0.999, queue_size=1024,
@@ -263,6 +264,7 @@ def set_contrastive(c: ml_collections.ConfigDict, name: str) -> None:
     k.temperature, k.alpha, k.beta, k.gamma, k.supt = 0.05, 0.01, 1.0, 1.0, 1.0
     k.momentum, k.queue_size = 0.999, 1024
     k.proj_dim, k.proj_bn = 32, True
+    k.base_temperature = 0.0  # T_base = T (the reference's base_temperature=None): no loss rescaling
 
 
 def validate_contrastive(c: ml_collections.ConfigDict) -> None:
@@ -276,8 +278,10 @@ def validate_contrastive(c: ml_collections.ConfigDict) -> None:
                       "augmented on device); streamed datasets train the classification step only")
   if c.model.bbn or c.mix.name != "none":
     raise ConfigError(f"contrastive.method={k.method!r} cannot be combined with model.bbn or mix")
-  _positive({"contrastive.temperature": k.temperature, "contrastive.base_temperature": k.base_temperature,
-             "contrastive.supt": k.supt})
+  _positive({"contrastive.temperature": k.temperature, "contrastive.supt": k.supt})
+  if not (_finite(k.base_temperature) and k.base_temperature >= 0):
+    raise ConfigError(f"contrastive.base_temperature must be >= 0 (0: equal to the temperature), got "
+                      f"{k.base_temperature}")
   if not isinstance(k.proj_dim, int) or k.proj_dim < 1 or not isinstance(k.proj_hidden, int) or k.proj_hidden < 0:
     raise ConfigError(f"contrastive.proj_dim must be an int >= 1 and proj_hidden an int >= 0 (0: the feature "
                       f"width), got {k.proj_dim!r} and {k.proj_hidden!r}")

@@ -163,10 +163,10 @@ def make_contrastive_step(model, tx: optax.GradientTransformation, loss: losses_
       logits = out["logits"][:B]
       aux = {}
       if cs.method == "simclr":
-        con = jnp.mean(losses_lib.nt_xent_loss(z, cs.temperature, cs.base_temperature))
+        con = jnp.mean(losses_lib.nt_xent_loss(z, cs.temperature, cs.base_temperature or cs.temperature))
         total, loss_state = con, ls["loss"]
       elif cs.method == "supcon":
-        con = jnp.mean(losses_lib.supcon_loss(z, labels, cs.temperature, cs.base_temperature))
+        con = jnp.mean(losses_lib.supcon_loss(z, labels, cs.temperature, cs.base_temperature or cs.temperature))
         total, loss_state = con, ls["loss"]
       else:  # bcl: CE-family on view 0, BalSCL on views 1..V-1 and the class centres
         per_example, loss_state = loss.apply(logits, labels, counts, ls["loss"])
@@ -197,8 +197,7 @@ def make_contrastive_step(model, tx: optax.GradientTransformation, loss: losses_
                                   method="contrast", mutable=["batch_stats"])
       per_anchor, new_queue = losses_lib.paco_loss(
           out["z"], keys, labels, out["logits"], counts, queue, alpha=cs.alpha, beta=cs.beta, gamma=cs.gamma,
-          temperature=cs.temperature, base_temperature=cs.base_temperature if cs.base_temperature != cs.temperature
-          else None, supt=cs.supt)
+          temperature=cs.temperature, base_temperature=cs.base_temperature or None, supt=cs.supt)
       total = jnp.mean(per_anchor)
       method = {"queue": new_queue._asdict(), "key_params": key_params, "key_batch_stats": kvars["batch_stats"]}
       return total, (new_vars, {"loss": ls["loss"], "method": method}, out["logits"], {"contrastive_loss": total})
