@@ -258,14 +258,14 @@ def _sc(sampler="instance", batch=8, flip=True):
                           k_per_class=2, crop_pad=1, flip=flip, mean=(0.5,), std=(0.25,), num_classes=C)
 
 
-@pytest.mark.parametrize("sampler", ["instance", "class_balanced"])
+@pytest.mark.parametrize("sampler", ["class_balanced"])  # instance: the PaCo test checks its indices
 def test_multi_view_batch_keeps_the_sampler_and_augments_each_view(tiny, sampler):
   images, labels, counts = tiny
   mesh = make_mesh(1)
   data, key = _data(tiny, mesh), jax.random.key(7)
   cs = contrastive.ContrastiveSettings("bcl", scale_min=1.0, jitter=0.0, grayscale_prob=0.0)
   views_of = contrastive.multi_view_batch  # eager: the op-by-op cache is shared by both samplers
-  for step in (0, 5):
+  for step in (5,):
     sc = _sc(sampler, flip=False)
     views, y = views_of(key, jnp.asarray(step), data, jnp.asarray(counts), sc, cs, mesh,
                         ("standard", "simclr", "simclr"))
@@ -351,3 +351,22 @@ def test_contrastive_variants_and_validation():
   c = fashion_mnist_lt.get_config("contrastive=simclr,mix=mixup")
   with pytest.raises(config_lib.ConfigError, match="cannot be combined"):
     config_lib.validate(c)
+
+
+def test_simclr_then_finetune_end_to_end(tmp_path):
+  """SimCLR joint stage (projection head next to the backbone), then full fine-tuning of every
+  parameter, on the mock CIFAR-10 data of tests/test_train.py."""
+  import tensorflow_datasets as tfds
+  from configs import cifar_lt
+  from lt_jax.train.trainer import train_and_evaluate
+  c = cifar_lt.get_config("smoke,contrastive=simclr,stages=finetune")
+  c.model.name, c.dataset.imbalance_ratio, c.batch_size, c.eval_batch_size = "cnn", 4.0, 16, 100
+  c.quiet, c.max_steps, c.num_devices = True, 2, 1
+  with tfds.testing.mock_data(num_examples=200):
+    out = train_and_evaluate(c, str(tmp_path))
+  v = jax.device_get(out["variables"])
+  assert set(out["stages"]) == {"finetune"} and np.isfinite(out["stages"]["finetune"]["accuracy"])
+  assert v["joint"]["params"]["proj"]["fc2"]["kernel"].shape == (128, 128)
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  for part in ("conv1", "bn_fc", "head"):  # the fine-tuning stage trains the backbone and the classifier
+    assert not same(v["finetune"]["params"][part], v["joint"]["params"][part]), part
