@@ -56,6 +56,11 @@ RUNS = {
     "remix": ("mix=remix", False),
     "ride": ("loss=ride_drw,test_agnostic", False),  # 3 experts; the test-agnostic table in summary.json
     "sade": ("loss=sade", False),                    # 3 experts; + test-time aggregation (test_agnostic)
+    # contrastive joint stages (lt_jax.train.contrastive); SimCLR/SupCon train no classifier themselves
+    "simclr": ("contrastive=simclr,stages=crt+finetune", False),
+    "supcon": ("contrastive=supcon,stages=crt", False),
+    "bcl": ("contrastive=bcl", False),
+    "paco": ("contrastive=paco", False),
 }
 # table row -> (run, stage or None for the joint model)
 ROWS = {
@@ -78,6 +83,11 @@ ROWS = {
     "Remix": ("remix", None),
     "RIDE (3 experts, LDAM-DRW + diversity)": ("ride", None),
     "SADE (3 experts, mean, no aggregation)": ("sade", None),
+    "SimCLR + cRT": ("simclr", "crt"),
+    "SimCLR + fine-tune (CE)": ("simclr", "finetune"),
+    "SupCon + cRT": ("supcon", "crt"),
+    "BCL": ("bcl", None),
+    "PaCo": ("paco", None),
 }
 
 

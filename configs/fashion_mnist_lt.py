@@ -8,7 +8,8 @@ Runs offline on a 2-core CPU in under 15 minutes (Fashion-MNIST comes from Debia
 
 Variant keys: ir, loss (a registry name, alias or recipe such as ldam_drw), sampler, head,
 seed, mix=mixup|cutmix|remix, bbn, stages=crt+tau_norm+..., epochs=<int> (scales the
-schedule), test_agnostic (adds the test-agnostic evaluator), smoke; a population
+schedule), test_agnostic (adds the test-agnostic evaluator), contrastive=simclr|supcon|bcl|paco
+(a contrastive joint stage, README methods table), smoke; a population
 (``lt_jax.train.population``): seeds=0+1+2, losses=ce+la+bs, samplers=instance+cb.
 ``loss=ride_drw`` (RIDE) and ``loss=sade`` (SADE) switch the model to ``cnn_experts``.
 
@@ -17,6 +18,9 @@ schedule), test_agnostic (adds the test-agnostic evaluator), smoke; a population
   python launch.py --config=configs/fashion_mnist_lt.py:loss=ldam_drw --workdir=/tmp/fm_ldam
   python launch.py --config=configs/fashion_mnist_lt.py:stages=crt+tau_norm+ncm+posthoc \
       --config.dataset.val_per_class=20 --workdir=/tmp/fm_decoupled  # joint CE, then stages
+  python launch.py --config=configs/fashion_mnist_lt.py:contrastive=simclr,stages=crt+finetune \
+      --workdir=/tmp/fm_simclr      # SimCLR pre-training (no labels), then cRT and full fine-tuning
+  python launch.py --config=configs/fashion_mnist_lt.py:contrastive=bcl --workdir=/tmp/fm_bcl
 """
 
 from lt_jax.train import config as cfg
@@ -40,6 +44,7 @@ def get_config(arg: str | None = None):
   c.eval_every_epochs = 4
   c.stage.crt.num_epochs = 2
   c.stage.lws.num_epochs = 2
+  c.stage.finetune.num_epochs = 4
   if variant.get("smoke"):
     c.num_epochs = 1
     c.max_steps = 5
@@ -49,6 +54,6 @@ def get_config(arg: str | None = None):
     c.optim.decay_epochs = (1, 1)
     c.eval_every_epochs = 1
     c.plots = False
-    c.stage.crt.num_epochs = c.stage.lws.num_epochs = 1
+    c.stage.crt.num_epochs = c.stage.lws.num_epochs = c.stage.finetune.num_epochs = 1
   cfg.apply_common_variants(c, variant, cfg.COMMON_VARIANTS + ("smoke",))
   return c

@@ -58,3 +58,9 @@ __all__ = [
     "eqlv2_grad_stats", "seesaw_loss", "default_hparams", "EXPERT_LOSSES", "check_expert_logits",
     "inverse_prior", "ride_diversity_weights", "ride_loss", "sade_logit_adjustments", "sade_loss"
 ]
+
+from lt_jax.losses.contrastive import (  # noqa: E402  (contrastive losses: projections, not logits)
+    Queue, balanced_contrastive_loss, nt_xent_loss, paco_loss, queue_init, queue_push, supcon_loss)
+
+__all__ += ["Queue", "balanced_contrastive_loss", "nt_xent_loss", "paco_loss", "queue_init", "queue_push",
+            "supcon_loss"]

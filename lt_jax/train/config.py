@@ -30,10 +30,13 @@ SAMPLERS = _samplers.SAMPLERS
 SCHEDULES = ("step", "cosine", "constant")
 PROFILES = ("exp", "step", "pareto")
 MIXES = ("none", "mixup", "cutmix", "remix")
-TRAIN_STAGES = ("crt", "lws", "bags")    # stages that train (a frozen-backbone classifier)
+# stages that train: a frozen-backbone classifier (crt, lws, bags) or the whole network (finetune)
+TRAIN_STAGES = ("crt", "lws", "bags", "finetune")
 EVAL_STAGES = ("tau_norm", "posthoc", "ncm")  # stages that derive a classifier without training
 STAGES = TRAIN_STAGES + EVAL_STAGES
 BBN_MODELS = ("cnn", "resnet20", "resnet32", "resnet44", "resnet56")
+# Contrastive joint-stage methods (lt_jax.train.contrastive.METHODS; "none": the classification step).
+CONTRASTIVE_METHODS = ("none", "simclr", "supcon", "bcl", "paco")
 
 LOSS_ALIASES = {"la": "logit_adjusted", "bs": "balanced_softmax", "cb": "cb_softmax",
                 "wce": "weighted_ce", "ls": "label_smoothing"}
@@ -87,6 +90,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.stage.tau_norm = ml_collections.ConfigDict(dict(taus=grid, keep_bias=False, select="balanced_error_rate"))
   c.stage.posthoc = ml_collections.ConfigDict(dict(taus=grid, select="balanced_error_rate"))
   c.stage.ncm = ml_collections.ConfigDict()  # cl2n features, squared L2 (no settings)
+  # Full fine-tuning of the whole network from the previous training stage (e.g. after a
+  # SimCLR / SupCon joint stage): every parameter trains, BatchNorm in training mode.
+  c.stage.finetune = ml_collections.ConfigDict(dict(
+      num_epochs=10, sampler="instance", loss="ce",
+      optim=ml_collections.ConfigDict(dict(
+          name="sgd", lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4, schedule="cosine",
+          warmup_epochs=0.0, decay_epochs=(), decay_factor=0.1))))
+  # Contrastive joint stage (set_contrastive sets a method with its reference's settings):
+  # multi-view input, a projection head on the backbone, the method's update function. The loss
+  # is scaled by temperature / base_temperature (SupContrast); base_temperature = 0: no scaling.
+  c.contrastive = ml_collections.ConfigDict(dict(
+      method="none", temperature=0.07, base_temperature=0.07, proj_dim=128, proj_hidden=0, proj_bn=False,
+      alpha=1.0, beta=0.35, gamma=1.0, supt=1.0, momentum=0.999, queue_size=1024,
+      aug=ml_collections.ConfigDict(dict(scale_min=0.2, jitter=0.4, jitter_prob=0.8, grayscale_prob=0.2))))
   # Evaluators as data (lt_jax.train.evaluators.EVALUATORS): run every eval_every_epochs during
   # training (or their own every_epochs / every_steps) and at the end of every training stage.
   # The first one's result is the stage's summary.json.
@@ -174,6 +191,8 @@ def apply_common_variants(c: ml_collections.ConfigDict, variant: dict, allowed: 
     c.model.head = str(variant["head"])
   if "sampler" in variant:
     c.sampler.name = SAMPLER_ALIASES.get(variant["sampler"], variant["sampler"])
+  if "contrastive" in variant:  # before loss: `contrastive=bcl,loss=ce` swaps BCL's LA-CE for CE
+    set_contrastive(c, str(variant["contrastive"]))
   if "loss" in variant:
     set_loss(c, str(variant["loss"]))
   if "mix" in variant:
@@ -202,7 +221,7 @@ def variant_number(variant: dict, key: str, kind=float):
 
 
 COMMON_VARIANTS = ("ir", "loss", "sampler", "head", "seed", "mix", "bbn", "stages", "epochs", "test_agnostic",
-                   "seeds", "losses", "samplers")
+                   "contrastive", "seeds", "losses", "samplers")
 
 
 def set_epochs(c: ml_collections.ConfigDict, num_epochs: float) -> None:
@@ -290,6 +309,77 @@ def add_test_agnostic(c: ml_collections.ConfigDict, aggregate: bool = False) -> 
   c.evals.test_agnostic = ml_collections.ConfigDict(dict(
       type="test_agnostic", split="test", aggregate=bool(aggregate), every_steps=10 ** 9,
       train_prior_tau=0.0 if balanced_logits else 1.0, crop_pad=int(c.augment.crop_pad)))
+
+
+def set_contrastive(c: ml_collections.ConfigDict, name: str) -> None:
+  """Sets ``c.contrastive`` to method ``name`` with its reference's settings (README methods table).
+
+  * ``simclr``: NT-Xent on two SimCLR views, no labels; T = 0.5, T_base = 0.07, MLP head
+    128-d without BN (SupContrast ``main_supcon.py --method SimCLR --temp 0.5``).
+  * ``supcon``: SupCon on two SimCLR views; T = 0.1, T_base = 0.07 (SupContrast README).
+    Both train only the representation: follow with ``stages=crt`` / ``finetune`` / ``ncm``.
+  * ``bcl``: logit-adjusted CE (tau = 1) on a standard view + 0.35 x BalSCL on two SimCLR
+    views, T = 0.07, cosine classifier with s = 30, BN MLP heads (BCL ``main.py``, ``BCLModel``).
+  * ``paco``: PaCo with a momentum key encoder (m = 0.999) and a queue of K = 1024 keys;
+    alpha = 0.01, beta = gamma = 1, T = 0.05, 32-d BN MLP head
+    (``PaCo/LT/sh/CIFAR100_train_imb0.01.sh``); query: standard view, key: SimCLR view.
+  ``none`` turns the contrastive stage off.
+  """
+  if name not in CONTRASTIVE_METHODS:
+    raise ConfigError(f"unknown contrastive method {name!r}; valid methods: {', '.join(CONTRASTIVE_METHODS)}")
+  k = c.contrastive
+  k.method = name
+  k.base_temperature = 0.07
+  k.proj_hidden = 0
+  if name in ("simclr", "supcon"):
+    k.temperature = 0.5 if name == "simclr" else 0.1
+    k.proj_dim, k.proj_bn = 128, False
+  elif name == "bcl":
+    k.temperature, k.alpha, k.beta = 0.07, 1.0, 0.35
+    k.proj_dim, k.proj_bn = 128, True
+    set_loss(c, "la")
+    c.model.head, c.model.cosine_scale = "cosine", 30.0   # NormedLinear with s = 30
+  elif name == "paco":
+    k.temperature, k.alpha, k.beta, k.gamma, k.supt = 0.05, 0.01, 1.0, 1.0, 1.0
+    k.momentum, k.queue_size = 0.999, 1024
+    k.proj_dim, k.proj_bn = 32, True
+    k.base_temperature = 0.0  # T_base = T (the reference's base_temperature=None): no loss rescaling
+
+
+def validate_contrastive(c: ml_collections.ConfigDict) -> None:
+  """``c.contrastive``: a known method, positive temperatures, and what each method needs."""
+  k = c.contrastive
+  _choice(k.method, CONTRASTIVE_METHODS, "contrastive.method")
+  if k.method == "none":
+    return
+  if c.dataset.get("source", "memory") != "memory":
+    raise ConfigError(f"contrastive.method={k.method!r} needs the dataset in memory (its views are "
+                      "augmented on device); streamed datasets train the classification step only")
+  if c.model.bbn or c.mix.name != "none":
+    raise ConfigError(f"contrastive.method={k.method!r} cannot be combined with model.bbn or mix")
+  _positive({"contrastive.temperature": k.temperature, "contrastive.supt": k.supt})
+  if not (_finite(k.base_temperature) and k.base_temperature >= 0):
+    raise ConfigError(f"contrastive.base_temperature must be >= 0 (0: equal to the temperature), got "
+                      f"{k.base_temperature}")
+  if not isinstance(k.proj_dim, int) or k.proj_dim < 1 or not isinstance(k.proj_hidden, int) or k.proj_hidden < 0:
+    raise ConfigError(f"contrastive.proj_dim must be an int >= 1 and proj_hidden an int >= 0 (0: the feature "
+                      f"width), got {k.proj_dim!r} and {k.proj_hidden!r}")
+  a = k.aug
+  if not (0 < a.scale_min <= 1 and a.jitter >= 0 and 0 <= a.jitter_prob <= 1 and 0 <= a.grayscale_prob <= 1):
+    raise ConfigError(f"contrastive.aug needs 0 < scale_min <= 1, jitter >= 0 and probabilities in [0, 1], "
+                      f"got {a.to_dict()}")
+  if k.method == "bcl" and (k.alpha < 0 or k.beta < 0):
+    raise ConfigError(f"contrastive.alpha and beta (loss weights) must be >= 0, got {k.alpha}, {k.beta}")
+  if k.method == "paco":
+    if not 0 <= k.momentum < 1:
+      raise ConfigError(f"contrastive.momentum must be in [0, 1), got {k.momentum}")
+    if not isinstance(k.queue_size, int) or k.queue_size < 1 or k.queue_size % c.batch_size:
+      raise ConfigError(f"contrastive.queue_size={k.queue_size!r} must be a positive multiple of the global "
+                        f"batch_size={c.batch_size} (PaCo enqueues whole batches, as the reference asserts "
+                        "K % batch_size == 0)")
+    if min(k.alpha, k.beta, k.gamma) < 0 or k.alpha + k.beta <= 0:
+      raise ConfigError(f"contrastive.alpha, beta, gamma must be >= 0 with alpha + beta > 0, got "
+                        f"{k.alpha}, {k.beta}, {k.gamma}")
 
 
 def _choice(value, valid, what):
@@ -399,6 +489,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   validate_stages(c)
   validate_evals(c)
   validate_experts(c)
+  if "contrastive" in c:
+    validate_contrastive(c)
 
 
 def validate_experts(c: ml_collections.ConfigDict) -> None:

@@ -58,8 +58,14 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, head: str |
     kw["bbn"] = True
   if m.name in EXPERT_MODELS:  # RIDE / SADE (config.use_experts adds these fields)
     kw.update(num_experts=int(m.get("num_experts", 3)), reduce_dimension=bool(m.get("reduce_dimension", True)))
-  return get_model(m.name, num_classes=num_classes, head=head,
-                   dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32, **kw)
+  model = get_model(m.name, num_classes=num_classes, head=head,
+                    dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32, **kw)
+  k = config.get("contrastive")
+  if k is not None and k.method != "none":  # projection head(s) next to the backbone's parameters
+    from lt_jax.models.contrastive import ContrastiveNet
+    model = ContrastiveNet(model, proj_dim=k.proj_dim, proj_hidden=k.proj_hidden, proj_bn=k.proj_bn,
+                           centres=k.method == "bcl")
+  return model
 
 
 class Data(NamedTuple):
@@ -118,6 +124,7 @@ class StageSpec(NamedTuple):
   trainable: str             # decoupled.TRAINABLE_MODES
   record: dict               # the settings a resumed checkpoint must match
   logit_fn: Callable | None = None  # model outputs -> class scores (BAGS group softmax)
+  contrastive: Any = None    # contrastive.ContrastiveSettings: the joint stage's contrastive update
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -261,12 +268,16 @@ def joint_spec(ctx: Context, workdir: str) -> StageSpec:
   sc = sc._replace(defer_epochs=int(c.sampler.defer_epochs), mix=c.mix.name, mix_alpha=float(c.mix.alpha),
                    remix_kappa=float(c.mix.kappa), remix_tau=float(c.mix.tau), bbn=bool(c.model.bbn),
                    bbn_div_epoch=int(c.model.bbn_div_epoch), experts=c.loss.name in losses.EXPERT_LOSSES)
+  cs = None
+  if c.get("contrastive") is not None and c.contrastive.method != "none":
+    from lt_jax.train import contrastive
+    cs = contrastive.settings(c)
   return StageSpec("joint", workdir, build_model(c, ctx.data.num_classes), make_loss(c, ctx.steps_per_epoch),
-                   c.optim, c.num_epochs, sc, "all", c.to_dict())
+                   c.optim, c.num_epochs, sc, "all", c.to_dict(), contrastive=cs)
 
 
 def stage_spec(ctx: Context, name: str, workdir: str) -> StageSpec:
-  """A decoupled classifier stage (cRT / LWS / BAGS) on the frozen backbone."""
+  """A decoupled classifier stage (cRT / LWS / BAGS) on the frozen backbone, or full fine-tuning."""
   c, s = ctx.config, ctx.config.stage[name]
   loss_name = config_lib.LOSS_ALIASES.get(s.loss, s.loss)
   head = "lws" if name == "lws" else c.model.head
@@ -281,9 +292,11 @@ def stage_spec(ctx: Context, name: str, workdir: str) -> StageSpec:
   # Later stages may be added, and resumable fields changed, without invalidating this one.
   joint = config_lib.trajectory_fields(c.to_dict(), drop=("stages", "stage", "init_from"))
   record = {"stage": name, "settings": s.to_dict(), "joint": joint, "init_from": c.init_from}
+  finetune = name == "finetune"  # every parameter trains, BatchNorm in training mode
+  trainable = "all" if finetune else "lws_scales" if name == "lws" else "head"
   return StageSpec(name, workdir, build_model(c, num_outputs, head=head), loss, s.optim,
-                   int(s.num_epochs), _step_config(ctx, s.sampler, int(s.num_epochs), bn_train=False),
-                   "lws_scales" if name == "lws" else "head", record, logit_fn)
+                   int(s.num_epochs), _step_config(ctx, s.sampler, int(s.num_epochs), bn_train=finetune),
+                   trainable, record, logit_fn)
 
 
 def _step_config(ctx: Context, sampler: str, num_epochs: int, bn_train: bool) -> steps.StepConfig:
@@ -295,7 +308,7 @@ def _step_config(ctx: Context, sampler: str, num_epochs: int, bn_train: bool) ->
 
 def stage_variables(ctx: Context, name: str, model, variables: Variables) -> Variables:
   """The starting point of a training stage: cRT re-initialises the head, LWS adds scales,
-  BAGS puts a fresh head of ``C + G`` outputs on the backbone."""
+  BAGS puts a fresh head of ``C + G`` outputs on the backbone; fine-tuning starts from the model as is."""
   params = dict(variables["params"])
   # A key per stage name: the same stage on the same model starts the same, whatever ran before.
   key = jax.random.fold_in(jax.random.key(ctx.config.seed), 1000 + config_lib.STAGES.index(name))
@@ -304,6 +317,8 @@ def stage_variables(ctx: Context, name: str, model, variables: Variables) -> Var
     params = decoupled.reinit_head(params, key, model, shape, train=False)
   elif name == "bags":
     params["head"] = model.init(key, jnp.zeros(shape), train=False)["params"]["head"]
+  elif name == "finetune":
+    pass
   else:
     params["head"] = heads.lws_from_linear(params["head"])
   return {"params": params, "batch_stats": variables["batch_stats"]}
@@ -340,8 +355,15 @@ def fit(ctx: Context, spec: StageSpec, variables: Variables | None):
     grad_mask = jax.tree.map(lambda l: l == "trainable", labels)
   state = create_state(spec.model, tx, spec.loss, ctx.data.num_classes, ctx.data.image_shape, config.seed, mesh,
                        variables)
-  update = steps.make_train_step(spec.model, tx, spec.loss, schedule, ctx.counts_dev, spec.step_config, mesh,
-                                 grad_mask=grad_mask, logit_fn=spec.logit_fn, host_batches=ctx.data.stream is not None)
+  if spec.contrastive is not None:  # a contrastive method's update (multi-view input, its own state)
+    from lt_jax.train import contrastive
+    state = contrastive.init_method_state(state, spec.contrastive, ctx.data.num_classes, config.seed, mesh)
+    update = contrastive.make_contrastive_step(spec.model, tx, spec.loss, schedule, ctx.counts_dev,
+                                               spec.step_config, spec.contrastive, mesh)
+  else:
+    update = steps.make_train_step(spec.model, tx, spec.loss, schedule, ctx.counts_dev, spec.step_config, mesh,
+                                   grad_mask=grad_mask, logit_fn=spec.logit_fn,
+                                   host_batches=ctx.data.stream is not None)
   sampler = spec.step_config.sampler
   periodic = []
   evs = configured_evals(ctx, spec.model, spec.logit_fn)

@@ -1,0 +1,109 @@
+"""Step throughput of the contrastive methods against the CE step, side by side (benchmark, not a test).
+
+Each method's jitted update (``lt_jax.train.contrastive``: on-device sampling, V augmented views,
+forward/backward, SGD; PaCo also the momentum key encoder and the queue) against the
+classification step with CE (``lt_jax.train.steps``: one pad-crop view), on the same synthetic
+in-memory data and model. Rounds cycle through all steps so every one sees the same machine load;
+the medians are reported as steps/s, training examples/s and the cost relative to the CE step.
+
+  python bench/contrastive_step.py                       # small CNN, 28x28x1, batch 128, 40 steps x 3
+  python bench/contrastive_step.py --model=resnet32 --steps=10 --rounds=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from lt_jax import losses, samplers
+from lt_jax.models import get_model
+from lt_jax.models.contrastive import ContrastiveNet
+from lt_jax.train import config as config_lib, contrastive, optim, steps
+from lt_jax.train.state import create_state, make_mesh, put_global, replicated
+
+
+def setup(model_name: str, batch: int, num_train: int):
+  shape = (28, 28, 1) if model_name == "cnn" else (32, 32, 3)
+  mesh = make_mesh(1)
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(10), num_train // 10).astype(np.int32)
+  images = rng.integers(0, 256, (len(labels), *shape), dtype=np.uint8)
+  rep = replicated(mesh)
+  data = steps.TrainData(put_global(images, rep), put_global(labels, rep),
+                         jax.device_put(samplers.build_index(labels, 10), rep))
+  oc = ml_collections.ConfigDict(dict(name="sgd", lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4,
+                                      schedule="cosine", warmup_epochs=0.0, decay_epochs=(), decay_factor=0.1))
+  spe = len(labels) // batch
+  schedule = optim.make_schedule(oc, spe, 100)
+  tx = optim.make_optimizer(oc, schedule)
+  sc = steps.StepConfig(batch_size=batch, steps_per_epoch=spe, num_epochs=100, sampler="instance", k_per_class=4,
+                        crop_pad=2, flip=True, mean=(0.5,) * shape[-1], std=(0.25,) * shape[-1], num_classes=10)
+  counts = put_global(np.bincount(labels, minlength=10).astype(np.float32), rep)
+
+  def ce():
+    model, loss = get_model(model_name, num_classes=10), losses.make_loss("ce")
+    return steps.make_train_step(model, tx, loss, schedule, counts, sc, mesh), \
+        create_state(model, tx, loss, 10, shape, 0, mesh)
+
+  def method(name):
+    c = config_lib.base_config()
+    c.batch_size = batch
+    config_lib.set_contrastive(c, name)
+    k = c.contrastive
+    head = c.model.head
+    model = ContrastiveNet(get_model(model_name, num_classes=10, head=head,
+                                     **({"cosine_scale": c.model.cosine_scale} if head == "cosine" else {})),
+                           proj_dim=k.proj_dim, proj_bn=k.proj_bn, centres=name == "bcl")
+    loss = losses.make_loss(c.loss.name, **c.loss.hparams.to_dict())
+    cs = contrastive.settings(c)
+    state = contrastive.init_method_state(create_state(model, tx, loss, 10, shape, 0, mesh), cs, 10, 0, mesh)
+    return contrastive.make_contrastive_step(model, tx, loss, schedule, counts, sc, cs, mesh), state
+
+  return {"ce": ce, **{m: (lambda m=m: method(m)) for m in contrastive.METHODS}}, data
+
+
+def timed(update, state, data, n: int):
+  t = time.perf_counter()
+  for _ in range(n):
+    state, m = update(state, data)
+  jax.block_until_ready((state, m))
+  return state, n / (time.perf_counter() - t)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="cnn")
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--num_train", type=int, default=5120)
+  p.add_argument("--steps", type=int, default=40)
+  p.add_argument("--rounds", type=int, default=3)
+  args = p.parse_args()
+  builders, data = setup(args.model, args.batch, args.num_train)
+  runs = {}
+  for name, build in builders.items():
+    update, state = build()
+    state, _ = timed(update, state, data, 2)  # compile + warm up
+    runs[name] = [update, state, []]
+  for _ in range(args.rounds):
+    for name, run in runs.items():
+      run[1], rate = timed(run[0], run[1], data, args.steps)
+      run[2].append(rate)
+  views = {"ce": 1, **{m: len(contrastive.VIEWS[m]) for m in contrastive.METHODS}}
+  base = statistics.median(runs["ce"][2])
+  print(f"{args.model}, batch {args.batch}, {args.steps} steps x {args.rounds} rounds, medians "
+        f"({jax.devices()[0].platform}):")
+  print("| step | views | steps/s | examples/s | cost vs CE step |")
+  print("|---|---|---|---|---|")
+  for name, run in runs.items():
+    rate = statistics.median(run[2])
+    print(f"| {name} | {views[name]}{' + key encoder' if name == 'paco' else ''} | {rate:.2f} | "
+          f"{rate * args.batch:.0f} | {base / rate:.2f}x |")
+
+
+if __name__ == "__main__":
+  main()
