@@ -40,7 +40,8 @@ LOSS_ALIASES = {"la": "logit_adjusted", "bs": "balanced_softmax", "cb": "cb_soft
 # Named recipes that are a loss plus settings (set_loss).
 LOSS_RECIPES = ("ldam_drw", "focal_drw", "wce_sqrt", "ce_drw")
 SAMPLER_ALIASES = {"cb": "class_balanced", "class": "class_balanced", "balanced": "class_balanced",
-                   "sqrt_balanced": "sqrt", "aware": "class_aware", "ib": "instance"}
+                   "sqrt_balanced": "sqrt", "aware": "class_aware", "ib": "instance",
+                   "under": "random_under", "over": "random_over"}
 
 
 
@@ -59,6 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(name="ce", hparams=ml_collections.ConfigDict(), drw_epoch=-1.0))
   # defer_epochs > 0: deferred re-sampling (DRS), instance sampling before this epoch
   c.sampler = ml_collections.ConfigDict(dict(name="instance", k_per_class=4, defer_epochs=0))
+  # random_under / random_over: target_count T per class (0: n_min / n_max); redraw: a new
+  # resampled set every pass over it (False: drawn once for the run; lt_jax.samplers.SAMPLERS)
+  c.sampler.target_count = 0
+  c.sampler.redraw = False
   c.augment = ml_collections.ConfigDict(dict(crop_pad=4, flip=True))
   c.mix = ml_collections.ConfigDict(dict(name="none", alpha=1.0, kappa=3.0, tau=0.5))
   c.optim = ml_collections.ConfigDict(dict(
@@ -301,6 +306,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     raise ConfigError(f"augment.crop_pad must be >= 0, got {c.augment.crop_pad}")
   if c.sampler.k_per_class < 1:
     raise ConfigError(f"sampler.k_per_class must be >= 1, got {c.sampler.k_per_class}")
+  if not isinstance(c.sampler.target_count, int) or c.sampler.target_count < 0:
+    raise ConfigError(f"sampler.target_count must be an int >= 0 (0: n_min for random_under, n_max for "
+                      f"random_over), got {c.sampler.target_count!r}")
   _choice(c.mix.name, MIXES, "mix")
   if c.mix.name != "none" and not c.mix.alpha > 0:
     raise ConfigError(f"mix.alpha must be > 0, got {c.mix.alpha}")

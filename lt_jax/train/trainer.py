@@ -279,7 +279,8 @@ def _step_config(ctx: Context, sampler: str, num_epochs: int, bn_train: bool) ->
   c, d = ctx.config, ctx.data
   return steps.StepConfig(batch_size=c.batch_size, steps_per_epoch=ctx.steps_per_epoch, num_epochs=num_epochs,
                           sampler=sampler, k_per_class=c.sampler.k_per_class, crop_pad=c.augment.crop_pad,
-                          flip=c.augment.flip, mean=d.mean, std=d.std, num_classes=d.num_classes, bn_train=bn_train)
+                          flip=c.augment.flip, mean=d.mean, std=d.std, num_classes=d.num_classes, bn_train=bn_train,
+                          resample_target=int(c.sampler.target_count), resample_redraw=bool(c.sampler.redraw))
 
 
 def stage_variables(ctx: Context, name: str, model, variables: Variables) -> Variables:
@@ -308,7 +309,8 @@ def train_input(ctx: Context, spec: StageSpec):
   return loop.StreamInput(lambda start, end: streaming.train_arrays(
       ctx.data.stream, batch_sharded(ctx.mesh), batch_size=sc.batch_size, sampler=sc.sampler, seed=seed,
       num_epochs=spec.num_epochs, steps_per_epoch=ctx.steps_per_epoch, k_per_class=sc.k_per_class,
-      defer_epochs=sc.defer_epochs, start_step=start, end_step=end))
+      defer_epochs=sc.defer_epochs, start_step=start, end_step=end, resample_target=sc.resample_target,
+      resample_redraw=sc.resample_redraw))
 
 
 def fit(ctx: Context, spec: StageSpec, variables: Variables | None):
