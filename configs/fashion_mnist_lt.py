@@ -6,13 +6,17 @@ Runs offline on a 2-core CPU in under 15 minutes (Fashion-MNIST comes from Debia
   python launch.py --config=configs/fashion_mnist_lt.py --workdir=/tmp/fmnist_lt
   python launch.py --config=configs/fashion_mnist_lt.py:loss=la,seed=1 --workdir=/tmp/fmnist_la1
 
-Variant keys: ir, loss (a registry name, alias or recipe such as ldam_drw), sampler, head,
-seed, mix=mixup|cutmix|remix, bbn, stages=crt+tau_norm+..., epochs=<int> (scales the
-schedule), smoke.
+Variant keys: ir, loss (a registry name, alias or recipe such as ldam_drw), sampler (also
+random_under / random_over, aliases under / over), head, seed, mix=mixup|cutmix|remix, bbn,
+stages=crt+tau_norm+...+wb+smote_crt+meta_sampler, wb (weight balancing: stage 1 with wd 5e-3,
+then the wb stage), epochs=<int> (scales the schedule), smoke.
 
   python launch.py --config=configs/fashion_mnist_lt.py:loss=ldam_drw --workdir=/tmp/fm_ldam
   python launch.py --config=configs/fashion_mnist_lt.py:stages=crt+tau_norm+ncm+posthoc \
       --config.dataset.val_per_class=20 --workdir=/tmp/fm_decoupled  # joint CE, then stages
+  python launch.py --config=configs/fashion_mnist_lt.py:wb --workdir=/tmp/fm_wb     # weight balancing
+  python launch.py --config=configs/fashion_mnist_lt.py:stages=smote_crt+meta_sampler --workdir=/tmp/fm_feat
+  python launch.py --config=configs/fashion_mnist_lt.py:sampler=under --workdir=/tmp/fm_rus
 """
 
 from lt_jax.train import config as cfg
@@ -36,6 +40,7 @@ def get_config(arg: str | None = None):
   c.eval_every_epochs = 4
   c.stage.crt.num_epochs = 2
   c.stage.lws.num_epochs = 2
+  c.stage.wb.num_epochs = c.stage.smote_crt.num_epochs = c.stage.meta_sampler.num_epochs = 2
   if variant.get("smoke"):
     c.num_epochs = 1
     c.max_steps = 5
@@ -46,5 +51,6 @@ def get_config(arg: str | None = None):
     c.eval_every_epochs = 1
     c.plots = False
     c.stage.crt.num_epochs = c.stage.lws.num_epochs = 1
+    c.stage.wb.num_epochs = c.stage.smote_crt.num_epochs = c.stage.meta_sampler.num_epochs = 1
   cfg.apply_common_variants(c, variant, cfg.COMMON_VARIANTS + ("smoke",))
   return c

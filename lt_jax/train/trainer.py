@@ -31,9 +31,11 @@ import numpy as np
 import optax
 
 from lt_jax import decoupled, heads, losses, metrics, priors, samplers
+from lt_jax import weight_balancing
 from lt_jax.data import longtail
 from lt_jax.models import get_model
-from lt_jax.train import checkpoint, config as config_lib, durations, evaluators, loop, optim, report, steps
+from lt_jax.train import checkpoint, config as config_lib, durations, evaluators, feature_stages, loop, optim, report
+from lt_jax.train import steps
 from lt_jax.train import workdir as workdir_lib
 from lt_jax.train.loop import NonFiniteLossError  # noqa: F401  (re-exported: the run's error)
 from lt_jax.train.state import batch_sharded, create_state, make_mesh, put_global, replicated
@@ -116,6 +118,11 @@ class StageSpec(NamedTuple):
   trainable: str             # decoupled.TRAINABLE_MODES
   record: dict               # the settings a resumed checkpoint must match
   logit_fn: Callable | None = None  # model outputs -> class scores (BAGS group softmax)
+  # variables -> a transformation chained after the optimiser, inside the trainable partition (wb's MaxNorm)
+  extra_tx: Callable | None = None
+  # (ctx, spec, tx, schedule, grad_mask, variables) -> (update, input): a stage with its own update
+  # function and input (the cached-feature stages); None: the image train step and train_input
+  build: Callable | None = None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -255,12 +262,19 @@ def joint_spec(ctx: Context, workdir: str) -> StageSpec:
 
 
 def stage_spec(ctx: Context, name: str, workdir: str) -> StageSpec:
-  """A decoupled classifier stage (cRT / LWS / BAGS) on the frozen backbone."""
+  """A decoupled classifier stage (cRT / LWS / BAGS / weight balancing's stage 2 / the cached-feature
+  stages SMOTE-cRT and Meta Sampler) on the frozen backbone."""
   c, s = ctx.config, ctx.config.stage[name]
   loss_name = config_lib.LOSS_ALIASES.get(s.loss, s.loss)
   head = "lws" if name == "lws" else c.model.head
   loss = losses.make_loss(loss_name, **losses.default_hparams(loss_name))
-  num_outputs, logit_fn = ctx.data.num_classes, None
+  num_outputs, logit_fn, extra_tx, build = ctx.data.num_classes, None, None, None
+  if name == "wb":  # MaxNorm with the radius of the stage-1 classifier (Alshammari et al., CVPR 2022)
+    thresh = float(s.max_norm_thresh)
+    extra_tx = lambda v: weight_balancing.max_norm(
+        weight_balancing.max_norm_radius(v["params"]["head"]["kernel"], thresh))
+  if name in config_lib.FEATURE_STAGES:
+    loss, build = feature_stages.stage_loss(name, s, ctx.data.counts), feature_stages.build
   if name == "bags":
     groups = jnp.asarray(decoupled.bags_groups(ctx.data.counts, tuple(s.bin_split)))
     num_outputs = decoupled.group_softmax_num_outputs(groups)
@@ -272,7 +286,7 @@ def stage_spec(ctx: Context, name: str, workdir: str) -> StageSpec:
   record = {"stage": name, "settings": s.to_dict(), "joint": joint, "init_from": c.init_from}
   return StageSpec(name, workdir, build_model(c, num_outputs, head=head), loss, s.optim,
                    int(s.num_epochs), _step_config(ctx, s.sampler, int(s.num_epochs), bn_train=False),
-                   "lws_scales" if name == "lws" else "head", record, logit_fn)
+                   "lws_scales" if name == "lws" else "head", record, logit_fn, extra_tx, build)
 
 
 def _step_config(ctx: Context, sampler: str, num_epochs: int, bn_train: bool) -> steps.StepConfig:
@@ -284,17 +298,18 @@ def _step_config(ctx: Context, sampler: str, num_epochs: int, bn_train: bool) ->
 
 
 def stage_variables(ctx: Context, name: str, model, variables: Variables) -> Variables:
-  """The starting point of a training stage: cRT re-initialises the head, LWS adds scales,
-  BAGS puts a fresh head of ``C + G`` outputs on the backbone."""
+  """The starting point of a training stage: cRT (and the cached-feature stages) re-initialise the
+  head, LWS adds scales, BAGS puts a fresh head of ``C + G`` outputs on the backbone, weight
+  balancing's stage 2 fine-tunes the stage-1 classifier itself."""
   params = dict(variables["params"])
   # A key per stage name: the same stage on the same model starts the same, whatever ran before.
   key = jax.random.fold_in(jax.random.key(ctx.config.seed), 1000 + config_lib.STAGES.index(name))
   shape = (1, *ctx.data.image_shape)
-  if name == "crt":
+  if name == "crt" or name in config_lib.FEATURE_STAGES:
     params = decoupled.reinit_head(params, key, model, shape, train=False)
   elif name == "bags":
     params["head"] = model.init(key, jnp.zeros(shape), train=False)["params"]["head"]
-  else:
+  elif name == "lws":
     params["head"] = heads.lws_from_linear(params["head"])
   return {"params": params, "batch_stats": variables["batch_stats"]}
 
@@ -324,6 +339,8 @@ def fit(ctx: Context, spec: StageSpec, variables: Variables | None):
   last_step = total_steps if config.max_steps < 0 else min(total_steps, config.max_steps)
   schedule = optim.make_schedule(spec.optim, spe, spec.num_epochs)
   tx = optim.make_optimizer(spec.optim, schedule)
+  if spec.extra_tx is not None:
+    tx = optax.chain(tx, spec.extra_tx(variables))
   grad_mask = None
   if spec.trainable != "all":
     labels = decoupled.param_labels(variables["params"], spec.trainable)
@@ -331,8 +348,13 @@ def fit(ctx: Context, spec: StageSpec, variables: Variables | None):
     grad_mask = jax.tree.map(lambda l: l == "trainable", labels)
   state = create_state(spec.model, tx, spec.loss, ctx.data.num_classes, ctx.data.image_shape, config.seed, mesh,
                        variables)
-  update = steps.make_train_step(spec.model, tx, spec.loss, schedule, ctx.counts_dev, spec.step_config, mesh,
-                                 grad_mask=grad_mask, logit_fn=spec.logit_fn, host_batches=ctx.data.stream is not None)
+  if spec.build is None:
+    update = steps.make_train_step(spec.model, tx, spec.loss, schedule, ctx.counts_dev, spec.step_config, mesh,
+                                   grad_mask=grad_mask, logit_fn=spec.logit_fn,
+                                   host_batches=ctx.data.stream is not None)
+    stage_input = train_input(ctx, spec)
+  else:
+    update, stage_input = spec.build(ctx, spec, tx, schedule, grad_mask, variables)
   sampler = spec.step_config.sampler
   periodic = []
   evs = configured_evals(ctx, spec.model, spec.logit_fn)
@@ -345,7 +367,7 @@ def fit(ctx: Context, spec: StageSpec, variables: Variables | None):
         if "accuracy" in s else None))
   run = loop.Run(
       name=f"stage {spec.name}", workdir=spec.workdir, record=spec.record, state=state, update=update,
-      input=train_input(ctx, spec), last_step=last_step, batch_size=config.batch_size,
+      input=stage_input, last_step=last_step, batch_size=config.batch_size,
       log_every=int(config.log_every_steps),
       checkpoint_every=durations.steps("checkpoint_every", config, spe, config.batch_size, cadence=True),
       keep_checkpoints=config.keep_checkpoints, evals=periodic,
