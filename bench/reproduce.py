@@ -44,6 +44,12 @@ RUNS = {
     "bbn": ("bbn", False),
     "mixup": ("mix=mixup", False),
     "remix": ("mix=remix", False),
+    # issue 14: weight balancing (stage 1 = the joint CE with wd 5e-3, stage 2 = wb), dataset-level
+    # re-sampling, and the cached-feature stages on the CE run's representation
+    "wb": ("wb", False),
+    "rus": ("sampler=under", False),
+    "ros": ("sampler=over", False),
+    "ce_feat": ("stages=smote_crt+meta_sampler", True),
 }
 # table row -> (run, stage or None for the joint model)
 ROWS = {
@@ -64,6 +70,12 @@ ROWS = {
     "BBN": ("bbn", None),
     "Mixup": ("mixup", None),
     "Remix": ("remix", None),
+    "WB stage 1 (CE, wd 5e-3)": ("wb", None),
+    "WB stages 1+2 (MaxNorm, CB, wd 0.1)": ("wb", "wb"),
+    "random under-sampling": ("rus", None),
+    "random over-sampling": ("ros", None),
+    "CE + SMOTE-cRT (cached features)": ("ce_feat", "smote_crt"),
+    "CE + Meta Sampler (BALMS, cached features)": ("ce_feat", "meta_sampler"),
 }
 
 

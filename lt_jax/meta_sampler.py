@@ -48,8 +48,8 @@ import optax
 Array = jax.Array
 PyTree = Any
 
-__all__ = ["MetaSamplerState", "init_logits", "GumbelDraws", "gumbel_draws", "straight_through_weights",
-           "meta_gradient", "sampling_probs"]
+__all__ = ["MetaSamplerState", "init_logits", "GumbelDraws", "gumbel_draws", "soft_probability",
+           "straight_through_weights", "meta_gradient", "sampling_probs"]
 
 
 class MetaSamplerState(NamedTuple):
@@ -107,15 +107,21 @@ def gumbel_draws(key: Array, logits: Array, labels: Array, num: int) -> GumbelDr
   return GumbelDraws(idx, sel, lse)
 
 
-def straight_through_weights(logits: Array, draws: GumbelDraws, drawn_labels: Array) -> Array:
-  """``w_b = 1 + p_b - stop_gradient(p_b)``: value exactly 1, gradient of the soft sample's ``p_b``.
+def soft_probability(logits: Array, draws: GumbelDraws, drawn_labels: Array) -> Array:
+  """``p_b``: the soft Gumbel-softmax probability of the drawn example ``i_b`` (``drawn_labels = y_{i_b}``).
 
-  ``p_b = exp(a_{y_b} + g_b - logsumexp_c(a_c + L_{b,c}))`` with ``a = log sigmoid(phi)``, the
-  soft Gumbel-softmax probability of the drawn example ``i_b`` (``drawn_labels = y_{i_b}``).
+  ``p_b = exp(a_{y_b} + g_b - logsumexp_c(a_c + L_{b,c}))``, ``a = log sigmoid(phi)``: the
+  reference's ``softmax(log w + g)`` over the ``N`` examples at ``i_b``, grouped by class.
+  Differentiable in ``logits`` (in their dtype).
   """
-  a = jax.nn.log_sigmoid(jnp.asarray(logits, jnp.float32))
+  a = jax.nn.log_sigmoid(jnp.asarray(logits))
   log_p = a[drawn_labels] + draws.noise - jax.nn.logsumexp(a[None, :] + draws.class_lse, axis=1)
-  p = jnp.exp(log_p)
+  return jnp.exp(log_p)
+
+
+def straight_through_weights(logits: Array, draws: GumbelDraws, drawn_labels: Array) -> Array:
+  """``w_b = 1 + p_b - stop_gradient(p_b)``: value exactly 1, gradient of :func:`soft_probability`."""
+  p = soft_probability(logits, draws, drawn_labels)
   return 1.0 + (p - jax.lax.stop_gradient(p))
 
 
