@@ -34,7 +34,7 @@ import numpy as np
 
 Array = jax.Array
 
-SAMPLING_STRATEGIES = ("auto", "not majority", "not minority", "minority", "all")
+SAMPLING_STRATEGIES = ("auto", "not majority", "not minority", "minority", "all", "none")
 
 __all__ = ["SAMPLING_STRATEGIES", "smote_counts", "smote_neighbours", "smote_draw", "smote_generate", "smote",
            "SmoteResult"]
@@ -45,7 +45,9 @@ def smote_counts(counts, sampling_strategy: str = "auto") -> np.ndarray:
 
   The target of every selected class is ``n_max``; it gets ``n_max - n_c`` points. ``'minority'``:
   only the smallest class; ``'not minority'``: all but it; ``'not majority'`` (= ``'auto'``): all but
-  the largest; ``'all'``: every class. Ties resolve to the lowest class id, as imbalanced-learn's
+  the largest; ``'all'``: every class; ``'none'``: no class (no synthetic point: the ablation of a
+  classifier stage on cached features without SMOTE; imbalanced-learn spells it
+  ``sampling_strategy={}``). Ties resolve to the lowest class id, as imbalanced-learn's
   ``min`` / ``max`` over its class counter. Classes without examples are not resampled (there is
   nothing to interpolate).
   """
@@ -66,6 +68,8 @@ def smote_counts(counts, sampling_strategy: str = "auto") -> np.ndarray:
   elif sampling_strategy == "minority":
     chosen[:] = False
     chosen[minority] = True
+  elif sampling_strategy == "none":
+    chosen[:] = False
   return np.where(chosen, n[majority] - n, 0)
 
 

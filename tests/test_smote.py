@@ -33,7 +33,7 @@ def test_neighbour_sets_equal_imbalanced_learns():
   assert S.smote_neighbours(x[y == 3][:4], 5).shape == (4, 3)
 
 
-@pytest.mark.parametrize("strategy", S.SAMPLING_STRATEGIES)
+@pytest.mark.parametrize("strategy", [s for s in S.SAMPLING_STRATEGIES if s != "none"])
 def test_synthetic_points_equal_imbalanced_learns_for_the_same_random_choice(strategy):
   """imbalanced-learn draws (r, u) from RandomState(seed) afresh for every class; feed the same
   draws to smote_generate with lt_jax's neighbours and compare every synthetic point."""
@@ -82,6 +82,9 @@ def test_smote_with_a_key_fills_classes_with_points_on_neighbour_segments():
   again = S.smote(jax.random.key(0), x, y, C)
   np.testing.assert_array_equal(np.asarray(again.features), np.asarray(out.features))
   assert not np.array_equal(np.asarray(S.smote(jax.random.key(1), x, y, C).features), np.asarray(out.features))
+  none = S.smote(jax.random.key(0), x, y, C, sampling_strategy="none")   # the ablation: nothing added
+  np.testing.assert_array_equal(np.asarray(none.features), x)
+  np.testing.assert_array_equal(none.num_synthetic, 0)
   with pytest.raises(ValueError, match="auto, not majority"):
     S.smote_counts(COUNTS, "majority")
 
