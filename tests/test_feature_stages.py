@@ -20,7 +20,7 @@ from configs import fashion_mnist_lt
 def run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("feature_stages")
   c = tiny_config(stages="wb,smote_crt,meta_sampler")
-  c.log_every_steps = 1
+  c.num_epochs, c.max_steps, c.log_every_steps = 1, 4, 1   # 4 steps of every stage: the wiring, not learning
   for name in ("wb", "smote_crt", "meta_sampler"):
     c.stage[name].num_epochs = 1
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
