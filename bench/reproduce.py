@@ -61,6 +61,12 @@ RUNS = {
     "supcon": ("contrastive=supcon,stages=crt", False),
     "bcl": ("contrastive=bcl", False),
     "paco": ("contrastive=paco", False),
+    # issue 14: weight balancing (stage 1 = the joint CE with wd 5e-3, stage 2 = wb), dataset-level
+    # re-sampling, and the cached-feature stages on the CE run's representation
+    "wb": ("wb", False),
+    "rus": ("sampler=under", False),
+    "ros": ("sampler=over", False),
+    "ce_feat": ("stages=smote_crt+meta_sampler", True),
 }
 # table row -> (run, stage or None for the joint model)
 ROWS = {
@@ -88,6 +94,12 @@ ROWS = {
     "SupCon + cRT": ("supcon", "crt"),
     "BCL": ("bcl", None),
     "PaCo": ("paco", None),
+    "WB stage 1 (CE, wd 5e-3)": ("wb", None),
+    "WB stages 1+2 (MaxNorm, CB, wd 0.1)": ("wb", "wb"),
+    "random under-sampling": ("rus", None),
+    "random over-sampling": ("ros", None),
+    "CE + SMOTE-cRT (cached features)": ("ce_feat", "smote_crt"),
+    "CE + Meta Sampler (BALMS, cached features)": ("ce_feat", "meta_sampler"),
 }
 
 

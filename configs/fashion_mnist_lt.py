@@ -6,12 +6,14 @@ Runs offline on a 2-core CPU in under 15 minutes (Fashion-MNIST comes from Debia
   python launch.py --config=configs/fashion_mnist_lt.py --workdir=/tmp/fmnist_lt
   python launch.py --config=configs/fashion_mnist_lt.py:loss=la,seed=1 --workdir=/tmp/fmnist_la1
 
-Variant keys: ir, loss (a registry name, alias or recipe such as ldam_drw), sampler, head,
-seed, mix=mixup|cutmix|remix, bbn, stages=crt+tau_norm+..., epochs=<int> (scales the
-schedule), test_agnostic (adds the test-agnostic evaluator), contrastive=simclr|supcon|bcl|paco
-(a contrastive joint stage, README methods table), smoke; a population
-(``lt_jax.train.population``): seeds=0+1+2, losses=ce+la+bs, samplers=instance+cb.
-``loss=ride_drw`` (RIDE) and ``loss=sade`` (SADE) switch the model to ``cnn_experts``.
+Variant keys: ir, loss (a registry name, alias or recipe such as ldam_drw), sampler (also
+random_under / random_over, aliases under / over), head, seed, mix=mixup|cutmix|remix, bbn,
+stages=crt+tau_norm+...+wb+smote_crt+meta_sampler, wb (weight balancing: stage 1 with wd 5e-3,
+then the wb stage), epochs=<int> (scales the schedule), test_agnostic (adds the test-agnostic
+evaluator), contrastive=simclr|supcon|bcl|paco (a contrastive joint stage, README methods table),
+smoke; a population (``lt_jax.train.population``): seeds=0+1+2, losses=ce+la+bs,
+samplers=instance+cb. ``loss=ride_drw`` (RIDE) and ``loss=sade`` (SADE) switch the model to
+``cnn_experts``.
 
   python launch.py --config=configs/fashion_mnist_lt.py:seeds=0+1+2,losses=ce+la+bs --workdir=/tmp/fm_pop
 
@@ -21,6 +23,9 @@ schedule), test_agnostic (adds the test-agnostic evaluator), contrastive=simclr|
   python launch.py --config=configs/fashion_mnist_lt.py:contrastive=simclr,stages=crt+finetune \
       --workdir=/tmp/fm_simclr      # SimCLR pre-training (no labels), then cRT and full fine-tuning
   python launch.py --config=configs/fashion_mnist_lt.py:contrastive=bcl --workdir=/tmp/fm_bcl
+  python launch.py --config=configs/fashion_mnist_lt.py:wb --workdir=/tmp/fm_wb     # weight balancing
+  python launch.py --config=configs/fashion_mnist_lt.py:stages=smote_crt+meta_sampler --workdir=/tmp/fm_feat
+  python launch.py --config=configs/fashion_mnist_lt.py:sampler=under --workdir=/tmp/fm_rus
 """
 
 from lt_jax.train import config as cfg
@@ -45,6 +50,7 @@ def get_config(arg: str | None = None):
   c.stage.crt.num_epochs = 2
   c.stage.lws.num_epochs = 2
   c.stage.finetune.num_epochs = 4
+  c.stage.wb.num_epochs = c.stage.smote_crt.num_epochs = c.stage.meta_sampler.num_epochs = 2
   if variant.get("smoke"):
     c.num_epochs = 1
     c.max_steps = 5
@@ -55,5 +61,6 @@ def get_config(arg: str | None = None):
     c.eval_every_epochs = 1
     c.plots = False
     c.stage.crt.num_epochs = c.stage.lws.num_epochs = c.stage.finetune.num_epochs = 1
+    c.stage.wb.num_epochs = c.stage.smote_crt.num_epochs = c.stage.meta_sampler.num_epochs = 1
   cfg.apply_common_variants(c, variant, cfg.COMMON_VARIANTS + ("smoke",))
   return c

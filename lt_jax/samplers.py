@@ -48,7 +48,8 @@ from lt_jax.priors import _check_concrete_counts, class_counts
 
 Array = jax.Array
 
-SAMPLERS = ("instance", "class_balanced", "sqrt", "progressive", "class_aware", "reversed")
+SAMPLERS = ("instance", "class_balanced", "sqrt", "progressive", "class_aware", "reversed", "random_under",
+            "random_over")
 """Training-batch samplers, by name (the one vocabulary of configs, the train step and the host pipeline).
 
 * ``instance``: shuffled epochs, every example once per epoch (drop-last); ``p_j = n_j / N``.
@@ -64,8 +65,27 @@ SAMPLERS = ("instance", "class_balanced", "sqrt", "progressive", "class_aware", 
 * ``reversed``: BBN's reversed sampler ``p_j ∝ n_max / n_j`` (:func:`reversed_probs`;
   Zhou et al., CVPR 2020).
 
+* ``random_under``: dataset-level random under-sampling: every class cut down to
+  ``m_c = min(n_c, T)`` examples drawn without replacement, ``T = n_min`` (the smallest non-empty
+  class) or a target count (imbalanced-learn ``RandomUnderSampler``; Buda et al., Neural Networks
+  2018), then shuffled passes over that resampled set (:func:`resampled_indices`).
+* ``random_over``: dataset-level random over-sampling: every class filled up to
+  ``m_c = max(n_c, T)``, ``T = n_max`` or a target count, keeping each of its ``n_c`` examples
+  once and adding ``m_c - n_c`` copies drawn uniformly with replacement (imbalanced-learn
+  ``RandomOverSampler``), then shuffled passes over that set (:func:`resampled_indices`).
+
 The i.i.d. samplers (``class_balanced``, ``sqrt``, ``progressive``, ``reversed``) draw the
 class from ``p`` and the example uniformly within it (:func:`sample_indices`).
+
+*Passes and epochs of the dataset-level samplers.* The resampled set has ``M = sum_c m_c``
+examples; a *pass* is one sweep over it in a fresh random order (stream positions
+``[p M, (p + 1) M)``). The training *epoch* is not redefined: it stays ``N // batch_size`` steps
+of the long-tailed set's size ``N`` for every sampler (:mod:`lt_jax.train.durations`), so runs of
+every sampler have the same number of steps and an epoch covers ``N / M`` passes (Fashion-MNIST-LT
+IR 100: about 25 passes of the 590-example under-sampled set, a quarter pass of the 59,800-example
+over-sampled one). The resampled set is drawn once and kept for the whole run (``redraw=False``,
+the default: imbalanced-learn's ``fit_resample`` done once, then ordinary shuffled epochs over its
+output); ``redraw=True`` draws a new resampled set for every pass.
 """
 
 
@@ -415,3 +435,90 @@ def instance_indices(key: Array, num_examples: int, num: int, *, replace: bool =
   if num > num_examples:
     raise ValueError(f"replace=False needs num <= num_examples, got {num} > {num_examples}")
   return jax.random.permutation(key, num_examples)[:num].astype(jnp.int32)
+
+
+RESAMPLE_MODES = ("random_under", "random_over")
+
+
+def resample_counts(counts, mode: str, target: int = 0):
+  """Per-class sizes ``m_c`` of the resampled set of :func:`resampled_indices` (traceable).
+
+  ``random_under``: ``m_c = min(n_c, T)``, ``T = target`` or, for ``target = 0``, the smallest
+  non-empty class count ``n_min``. ``random_over``: ``m_c = max(n_c, T)``, ``T = target`` or
+  ``n_max``. Empty classes stay empty (nothing to draw from). Returns int32 ``(C,)``.
+  """
+  if mode not in RESAMPLE_MODES:
+    raise ValueError(f"unknown resampling mode {mode!r}; valid: {', '.join(RESAMPLE_MODES)}")
+  if isinstance(target, (int, np.integer)) and target < 0:
+    raise ValueError(f"target must be an int >= 0 (0: n_min for random_under, n_max for random_over), "
+                     f"got {target!r}")
+  n = jnp.asarray(counts).astype(jnp.int32)
+  present = n > 0
+  target = jnp.asarray(target, jnp.int32)   # may be traced: one compiled step for every target
+  if mode == "random_under":
+    m = jnp.minimum(n, jnp.where(target > 0, target, jnp.min(jnp.where(present, n, jnp.iinfo(jnp.int32).max))))
+  else:
+    m = jnp.maximum(n, jnp.where(target > 0, target, jnp.max(n)))
+  return jnp.where(present, m, 0).astype(jnp.int32)
+
+
+def resampled_indices(key: Array, index: SamplerIndex, num: int, mode: str, *, target: int = 0,
+                      start: int | Array = 0, redraw: bool = False) -> Array:
+  """Dataset-level random under- / over-sampling as a stateless stream (positions ``[start, start + num)``).
+
+  The resampled set holds ``m_c`` examples of class ``c`` (:func:`resample_counts`):
+
+  * ``random_under``: the first ``m_c`` entries of a keyed random permutation of the class's
+    ``n_c`` examples, i.e. ``m_c`` distinct examples drawn without replacement (imbalanced-learn
+    ``RandomUnderSampler(sampling_strategy=...)``, ``replacement=False``);
+  * ``random_over``: slot ``j < n_c`` is the class's ``j``-th example (each original once), slot
+    ``j >= n_c`` a uniform draw with replacement from the class (imbalanced-learn
+    ``RandomOverSampler``: the originals plus ``m_c - n_c`` random duplicates).
+
+  The stream is made of passes of ``M = sum_c m_c`` positions; pass ``p`` visits the resampled
+  set in the order of a fresh keyed permutation of ``[0, M)`` (:func:`within_class_permutation`,
+  a Feistel permutation: ``O(1)`` per position, no ``O(M)`` array per step). With
+  ``redraw=False`` the resampled set itself is the same in every pass (drawn once for the run);
+  ``redraw=True`` draws a new one for each pass. Every pass therefore contains exactly ``m_c``
+  examples of class ``c`` (see the module docstring for passes vs training epochs). The host
+  twin (:class:`lt_jax.data.host_samplers.HostSampler`) has the same semantics with NumPy
+  streams (different draws).
+
+  Args:
+    key: a ``jax.random.key`` (the run's sampling key; the train step passes the same key
+      every step and ``start = step * batch_size``, so passes continue across batches).
+    index: :class:`SamplerIndex` from :func:`build_index`.
+    num: static number of indices.
+    mode: static, ``'random_under'`` | ``'random_over'``.
+    target: ``T`` (0: ``n_min`` / ``n_max``; may be traced).
+    start: stream offset (may be traced).
+    redraw: ``True`` redraws the resampled set every pass (may be traced).
+
+  Returns:
+    ``(num,)`` int32 indices into the training set.
+  """
+  num = _check_num(num)
+  if not isinstance(index, SamplerIndex):
+    raise ValueError("resampled_indices needs a SamplerIndex (build it once with build_index)")
+  m = resample_counts(index.counts, mode, target)
+  ends = jnp.cumsum(m)
+  total = ends[-1]
+  pos = jnp.asarray(start, jnp.int32) + jnp.arange(num, dtype=jnp.int32)
+  pass_no, within = pos // total, pos % total
+  perm_root, set_root = jax.random.split(key)
+  slot = jax.vmap(lambda p, q: within_class_permutation(jax.random.fold_in(perm_root, p), q, total))(
+      pass_no, within)
+  cls = jnp.searchsorted(ends, slot, side="right").astype(jnp.int32)
+  j = slot - (ends[cls] - m[cls])                        # slot within the class's block, [0, m_c)
+  n_c = jnp.maximum(index.counts[cls], 1)
+  set_no = jnp.where(jnp.asarray(redraw), pass_no, 0)
+
+  def example(c, s, jj, n):
+    class_key = jax.random.fold_in(jax.random.fold_in(set_root, s), c)
+    if mode == "random_under":
+      return within_class_permutation(class_key, jj, n)
+    dup = jax.random.randint(jax.random.fold_in(class_key, jj), (), 0, n, dtype=jnp.int32)
+    return jnp.where(jj < n, jj, dup)
+
+  offset = jax.vmap(example)(cls, set_no, j, n_c)
+  return index.order[index.starts[cls] + offset]

@@ -84,7 +84,8 @@ def test_progressive_probs():
 
 def test_one_sampler_vocabulary():
   from lt_jax.data import host_samplers, streaming
-  assert S.SAMPLERS == ("instance", "class_balanced", "sqrt", "progressive", "class_aware", "reversed")
+  assert S.SAMPLERS == ("instance", "class_balanced", "sqrt", "progressive", "class_aware", "reversed",
+                       "random_under", "random_over")
   assert streaming.SAMPLERS is S.SAMPLERS and host_samplers.SAMPLERS is S.SAMPLERS
   assert not hasattr(S, "SAMPLING_SCHEMES") and not hasattr(S, "scheme_probs")
   src = open(S.__file__).read()
@@ -267,3 +268,82 @@ def test_instance_indices():
   np.testing.assert_array_equal(np.sort(b), np.arange(50))
   with pytest.raises(ValueError, match="num <= num_examples"):
     S.instance_indices(jax.random.key(9), 5, 6, replace=False)
+
+
+# ---------------------------------------------------------------- dataset-level under / over-sampling
+
+resampled_jit = jax.jit(S.resampled_indices, static_argnames=("num", "mode"))  # target, redraw traced
+# A small set for the pass-level checks (several passes in a few calls): one empty class.
+RS_COUNTS = np.array([12, 7, 0, 3, 1, 5])
+RS_LABELS = np.random.default_rng(3).permutation(np.repeat(np.arange(6), RS_COUNTS)).astype(np.int32)
+RS_INDEX = S.build_index(RS_LABELS, 6)
+
+
+def test_resample_counts_hand_worked():
+  # COUNTS = [400, 200, 100, 50, 20, 10, 5, 0, 3]: n_min = 3 (the empty class stays empty), n_max = 400
+  np.testing.assert_array_equal(S.resample_counts(COUNTS, "random_under"), [3] * 7 + [0, 3])
+  np.testing.assert_array_equal(S.resample_counts(COUNTS, "random_under", 30), [30, 30, 30, 30, 20, 10, 5, 0, 3])
+  np.testing.assert_array_equal(S.resample_counts(COUNTS, "random_over"), [400] * 7 + [0, 400])
+  np.testing.assert_array_equal(S.resample_counts(COUNTS, "random_over", 100), [400, 200, 100, 100, 100, 100, 100,
+                                                                                0, 100])
+  with pytest.raises(ValueError, match="random_under, random_over"):
+    S.resample_counts(COUNTS, "smote")
+
+
+def _passes(stream, m):
+  total = int(np.sum(m))
+  assert len(stream) % total == 0
+  return np.asarray(stream).reshape(-1, total)
+
+
+def _check_pass(ids, m, mode):
+  """One pass: exactly m_c examples of class c; under: distinct; over: every example of the class."""
+  np.testing.assert_array_equal(np.bincount(RS_LABELS[ids], minlength=6), m)
+  for c in np.flatnonzero(m):
+    mine = ids[RS_LABELS[ids] == c]
+    members = np.flatnonzero(RS_LABELS == c)
+    if mode == "random_under":
+      assert len(np.unique(mine)) == m[c]                      # without replacement
+    else:
+      assert set(mine) == set(members)                          # every original at least once, nothing else
+
+
+@pytest.mark.parametrize("mode,target", [("random_under", 0), ("random_under", 3), ("random_over", 0),
+                                         ("random_over", 6)])
+def test_resampled_realised_counts_on_device_and_on_the_host(mode, target):
+  """Every pass holds exactly m_c examples of class c, on device and on the host, fixed or redrawn."""
+  from lt_jax.data import host_samplers
+  m = np.asarray(S.resample_counts(RS_COUNTS, mode, target))
+  np.testing.assert_array_equal(m, {("random_under", 0): [1, 1, 0, 1, 1, 1], ("random_under", 3): [3, 3, 0, 3, 1, 3],
+                                    ("random_over", 0): [12, 12, 0, 12, 12, 12],
+                                    ("random_over", 6): [12, 7, 0, 6, 6, 6]}[(mode, target)])
+  total, b, num_passes = int(m.sum()), 16, 6
+  steps = -(-num_passes * total // b)
+  hs = host_samplers.HostSampler(RS_LABELS, 6, b, sampler=mode, seed=5, resample_target=target)
+  for redraw in (False, True):
+    hs.resample_redraw, hs._pass_cache = redraw, {}
+    # several passes read in batches of b that straddle pass boundaries (start = step * b), as the train step
+    device = np.concatenate([np.asarray(resampled_jit(jax.random.key(5), RS_INDEX, b, mode, target=target,
+                                                       start=b * t, redraw=redraw)) for t in range(steps)])
+    host = np.concatenate([hs.indices(t) for t in range(steps)])
+    for stream in (device[:num_passes * total], host[:num_passes * total]):
+      passes = _passes(stream, m)
+      for ids in passes:
+        _check_pass(ids, m, mode)
+      assert len({p.tobytes() for p in passes}) > 1          # a fresh visiting order every pass
+      same_set = all(np.array_equal(np.sort(passes[0]), np.sort(p)) for p in passes[1:])
+      if (mode, target) != ("random_over", 6) or redraw is False:  # (over to 6 redraws only 3 duplicates)
+        assert same_set == (not redraw), (mode, redraw)    # fixed: one resampled set; redraw: new ones
+    if mode == "random_over":  # m_c - n_c duplicates of class c per pass
+      ids = _passes(device[:num_passes * total], m)[0]
+      dup = np.array([np.sum(RS_LABELS[ids] == c) - RS_COUNTS[c] for c in range(6)])
+      np.testing.assert_array_equal(dup, m - RS_COUNTS)
+
+
+def test_resampled_duplicates_are_uniform_within_the_class():
+  """random_over with redraw: the m_c - n_c duplicates of a class hit its examples uniformly."""
+  stream = np.concatenate([np.asarray(resampled_jit(jax.random.key(2), RS_INDEX, 16, "random_over", target=0,
+                                                    start=16 * t, redraw=True)) for t in range(1500)])
+  ids = stream[RS_LABELS[stream] == 5]     # 5 examples + 7 duplicates per pass, 400 passes
+  freq = np.bincount(np.searchsorted(np.flatnonzero(RS_LABELS == 5), ids), minlength=5)
+  assert freq.sum() == 400 * 12 and stats.chisquare(freq).pvalue > P_MIN

@@ -20,10 +20,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lt_jax.samplers import SAMPLERS
+from lt_jax.samplers import RESAMPLE_MODES, SAMPLERS
 
 # Stream tags: independent random streams from one seed, SeedSequence([seed, tag, ...]).
 _TAG_EPOCH_PERM, _TAG_CLASS_DRAW, _TAG_ROUND, _TAG_CLASS_WALK, _TAG_AUG = 1, 2, 3, 4, 5
+_TAG_RESAMPLE_SET, _TAG_RESAMPLE_PASS = 6, 7
 
 
 def _rng(*words: int) -> np.random.Generator:
@@ -55,6 +56,19 @@ def class_probs(counts: np.ndarray, q: float) -> np.ndarray:
     raise ValueError("class_probs: every class is empty")
   w = np.where(present, (np.where(present, c, 1.0) / c.max()) ** q, 0.0)
   return w / w.sum()
+
+
+def resample_counts(counts: np.ndarray, mode: str, target: int = 0) -> np.ndarray:
+  """``m_c`` of the dataset-level resamplers (NumPy twin of ``samplers.resample_counts``)."""
+  if mode not in RESAMPLE_MODES:
+    raise ValueError(f"unknown resampling mode {mode!r}; valid: {', '.join(RESAMPLE_MODES)}")
+  n = np.asarray(counts, np.int64)
+  present = n > 0
+  if mode == "random_under":
+    m = np.minimum(n, target or n[present].min())
+  else:
+    m = np.maximum(n, target or n.max())
+  return np.where(present, m, 0)
 
 
 def progressive_probs(counts: np.ndarray, t: float) -> np.ndarray:
@@ -102,6 +116,12 @@ class HostSampler:
     ``y ~ Categorical(p)`` then an example uniform within class ``y``, with ``p`` from
     :func:`class_probs` (``q = 0``, ``1/2``), :func:`progressive_probs` with
     ``t = epoch / (T - 1)``, :func:`reversed_probs`; stream ``(seed, step)``.
+  * ``random_under`` / ``random_over``: dataset-level resampling (``samplers.resampled_indices``):
+    the resampled set (``m_c`` examples of class ``c``, :func:`resample_counts`; under: a random
+    subset without replacement, stream ``(seed, set, c)``; over: every example once plus
+    ``m_c - n_c`` uniform duplicates) is visited in passes of ``M = sum_c m_c`` stream positions
+    ``step * B + row``, pass ``p`` in the order of permutation ``(seed, p)`` of ``[0, M)``;
+    ``set = 0`` for the whole run, or ``p`` with ``redraw``.
   * ``class_aware`` (Shen et al., ECCV 2016; classifier-balancing ``ClassAwareSampler``,
     ``num_samples_cls = K``): one infinite stream over positions ``step * B + row``. Round
     ``r`` visits every non-empty class once in a fresh random order (stream ``(seed, r)``),
@@ -127,11 +147,13 @@ class HostSampler:
     k_per_class: ``K`` (class-aware only).
     defer_epochs: deferred re-sampling (DRS, Cao et al., NeurIPS 2019): epochs before
       this one use ``instance`` batches, later ones ``sampler`` (as the on-device step).
+    resample_target: ``T`` of ``random_under`` / ``random_over`` (0: ``n_min`` / ``n_max``).
+    resample_redraw: draw a new resampled set for every pass (default: one for the run).
   """
 
   def __init__(self, labels, num_classes: int, batch_size: int, *, sampler: str = "instance", seed: int = 0,
                num_epochs: int = 1, steps_per_epoch: int | None = None, k_per_class: int = 4,
-               defer_epochs: int = 0):
+               defer_epochs: int = 0, resample_target: int = 0, resample_redraw: bool = False):
     if sampler not in SAMPLERS:
       raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
     self.index = build_host_index(labels, num_classes)
@@ -143,6 +165,10 @@ class HostSampler:
     self.num_examples, self.num_classes, self.batch_size = n, num_classes, int(batch_size)
     self.sampler, self.seed, self.num_epochs, self.k_per_class = sampler, int(seed), int(num_epochs), int(k_per_class)
     self.defer_epochs = int(defer_epochs)
+    if resample_target < 0:
+      raise ValueError(f"resample_target must be >= 0 (0: n_min / n_max), got {resample_target}")
+    self.resample_target, self.resample_redraw = int(resample_target), bool(resample_redraw)
+    self._pass_cache: dict[int, np.ndarray] = {}
     self.steps_per_epoch = int(steps_per_epoch or n // batch_size)
     if self.steps_per_epoch < 1:
       raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
@@ -174,6 +200,8 @@ class HostSampler:
       return perm[pos * self.batch_size:(pos + 1) * self.batch_size].astype(np.int64)
     if self.sampler == "class_aware":
       return self.stream(step * self.batch_size, self.batch_size)
+    if self.sampler in RESAMPLE_MODES:
+      return self.resampled(step * self.batch_size, self.batch_size)
     p = self.probs(step)
     rng = _rng(self.seed, _TAG_CLASS_DRAW, step)
     cdf = np.cumsum(p)
@@ -197,6 +225,38 @@ class HostSampler:
       p, within = divmod(j, n_c)          # pass p over the class's examples, position within it
       walk = _small_permutation(self.seed, _TAG_CLASS_WALK, c, p, n_c)
       out[i] = self.index.order[self.index.starts[c] + walk[within]]
+    return out
+
+
+  def resampled_pass(self, p: int) -> np.ndarray:
+    """Example ids of pass ``p`` of ``random_under`` / ``random_over``, in visiting order (cached)."""
+    if p not in self._pass_cache:
+      counts, order, starts = self.index.counts, self.index.order, self.index.starts
+      m = resample_counts(counts, self.sampler, self.resample_target)
+      set_no = p if self.resample_redraw else 0
+      blocks = []
+      for c in np.flatnonzero(m):
+        n_c = int(counts[c])
+        if self.sampler == "random_under":
+          e = _small_permutation(self.seed, _TAG_RESAMPLE_SET, set_no, int(c), n_c)[:m[c]]
+        else:
+          extra = _rng(self.seed, _TAG_RESAMPLE_SET, set_no, int(c)).integers(0, n_c, int(m[c]) - n_c)
+          e = np.concatenate([np.arange(n_c), extra])
+        blocks.append(order[starts[c] + e])
+      every = np.concatenate(blocks)
+      if len(self._pass_cache) >= 4:  # passes are visited in order: keep a few
+        self._pass_cache.pop(min(self._pass_cache))
+      self._pass_cache[p] = every[_permutation(self.seed, _TAG_RESAMPLE_PASS, p, 0, len(every))]
+    return self._pass_cache[p]
+
+  def resampled(self, start: int, num: int) -> np.ndarray:
+    """``random_under`` / ``random_over`` stream positions ``[start, start + num)``."""
+    total = int(resample_counts(self.index.counts, self.sampler, self.resample_target).sum())
+    pos = np.arange(start, start + num, dtype=np.int64)
+    out = np.empty(num, np.int64)
+    for p in np.unique(pos // total):
+      sel = pos // total == p
+      out[sel] = self.resampled_pass(int(p))[pos[sel] % total]
     return out
 
 

@@ -269,7 +269,8 @@ def open_run(config, workdir: str | None = None) -> StreamingRun:
 
 def train_arrays(run: StreamingRun, sharding, *, batch_size: int, sampler: str, seed: int, num_epochs: int,
                  steps_per_epoch: int, k_per_class: int = 4, defer_epochs: int = 0, start_step: int = 0,
-                 end_step: int | None = None) -> Iterator[dict[str, Any]]:
+                 end_step: int | None = None, resample_target: int = 0,
+                 resample_redraw: bool = False) -> Iterator[dict[str, Any]]:
   """Global training batches (``image`` uint8, ``label``) for steps ``start_step ... end_step - 1``.
 
   Each process loads the rows its devices hold under ``sharding`` (:func:`sharding_rows`);
@@ -278,7 +279,7 @@ def train_arrays(run: StreamingRun, sharding, *, batch_size: int, sampler: str, 
   """
   hs = HostSampler(run.train_labels, run.num_classes, batch_size, sampler=sampler, seed=seed,
                    num_epochs=num_epochs, steps_per_epoch=steps_per_epoch, k_per_class=k_per_class,
-                   defer_epochs=defer_epochs)
+                   defer_epochs=defer_epochs, resample_target=resample_target, resample_redraw=resample_redraw)
   pipe = StreamingPipeline(run.train, hs, run.train_transform, rows=sharding_rows(sharding, batch_size),
                            num_threads=run.num_threads, prefetch=run.prefetch)
   for batch in pipe.iterate(start_step, end_step):

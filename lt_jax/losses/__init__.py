@@ -40,7 +40,7 @@ from lt_jax.losses.functions import (
     reduce_weighted_mean, weighted_cross_entropy, label_smoothing_cross_entropy, focal_modulate,
     focal_loss, ldam_loss, logit_adjusted_loss, balanced_softmax_loss, generalized_logit_adjusted_loss,
     softmax_equalization_loss, seesaw_loss, sigmoid_cross_entropy, sigmoid_focal_loss,
-    class_balanced_loss, equalization_loss, eqlv2_class_weights, eqlv2_loss, eqlv2_grad_stats,
+    class_balanced_loss, softmax_bce_loss, equalization_loss, eqlv2_class_weights, eqlv2_loss, eqlv2_grad_stats,
     FOCAL_FORMS)
 from lt_jax.losses.experts import (
     check_expert_logits, inverse_prior, ride_diversity_weights, ride_loss, sade_logit_adjustments, sade_loss)
@@ -52,7 +52,8 @@ __all__ = [
     "sigmoid_binary_cross_entropy", "logit_adjust", "ldam_margins", "apply_margin", "la_pairwise_delta",
     "resolve_class_weights", "label_weights", "class_weighting", "reduce_mean", "reduce_weighted_mean",
     "weighted_cross_entropy", "label_smoothing_cross_entropy", "focal_loss", "focal_modulate",
-    "FOCAL_FORMS", "sigmoid_cross_entropy", "sigmoid_focal_loss", "class_balanced_loss", "ldam_loss",
+    "FOCAL_FORMS", "sigmoid_cross_entropy", "softmax_bce_loss", "sigmoid_focal_loss", "class_balanced_loss",
+    "ldam_loss",
     "logit_adjusted_loss", "balanced_softmax_loss", "generalized_logit_adjusted_loss",
     "equalization_loss", "softmax_equalization_loss", "eqlv2_class_weights", "eqlv2_loss",
     "eqlv2_grad_stats", "seesaw_loss", "default_hparams", "EXPERT_LOSSES", "check_expert_logits",

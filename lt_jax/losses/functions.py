@@ -521,6 +521,28 @@ def sigmoid_cross_entropy(logits: Array, labels: Array,
   return jnp.sum(t * pos + (1.0 - t) * neg, axis=-1) * _valid(t)
 
 
+def softmax_bce_loss(logits: Array, labels: Array, prior_or_counts: Array | None = None) -> Array:
+  """Binary cross-entropy of the *softmax* probabilities, averaged over classes, shape (B,).
+
+  ``(1/C) sum_c -[y_c log p_c + (1 - y_c) log(1 - p_c)]`` with ``p = softmax(z)``: the
+  ``loss_type="softmax"`` branch of the Class-Balanced loss port ``vandit15/Class-balanced-loss-pytorch``
+  (``F.binary_cross_entropy(softmax(z), one_hot)``, mean over the ``B x C`` entries), which
+  weight balancing uses in its second stage (``ShadeAlsha/LTR-weight-balancing``,
+  ``utils/class_balanced_loss.py``). Not Cui et al.'s softmax CB loss (that is weighted CE,
+  :func:`class_balanced_loss` ``kind='softmax'``). Both logs are clamped at -100 as PyTorch's
+  ``binary_cross_entropy``; ``log p`` is ``log_softmax`` (equal to ``log(softmax)`` until
+  ``p`` underflows). Padding rows give 0.
+  """
+  z = _check_logits(logits)
+  t = as_targets(labels, z.shape[-1])
+  log_p = jnp.maximum(jax.nn.log_softmax(z, axis=-1), -100.0)
+  p = jax.nn.softmax(z, axis=-1)
+  below_one = p < 1.0  # p == 1 exactly: log(0), PyTorch's clamp value (and a zero gradient)
+  log_1mp = jnp.where(below_one, jnp.log1p(-jnp.where(below_one, p, 0.0)), -100.0)
+  bce = -(t * log_p + (1.0 - t) * jnp.maximum(log_1mp, -100.0))
+  return jnp.mean(bce, axis=-1) * _valid(t)
+
+
 def sigmoid_focal_loss(logits: Array, labels: Array, prior_or_counts: Array | None = None, *,
                        gamma: float = 2.0, alpha: float | Array | None = None) -> Array:
   """Sigmoid focal loss ``sum_j alpha_t (1 - p_t)^gamma BCE_j`` over one-hot targets, shape (B,).
@@ -546,14 +568,17 @@ def class_balanced_loss(logits: Array, labels: Array, prior_or_counts: Array, *,
   (``priors.class_weights(counts, 'effective_number', beta=beta)``, as
   ``richardaecn/class-balanced-loss`` and LDAM-DRW). ``kind``: ``'softmax'`` (weighted CE),
   ``'sigmoid'`` (BCE summed over classes), ``'focal'`` (sigmoid focal with ``gamma``, Cui's and
-  BagofTricks' ``ClassBalanceFocal``). Needs raw counts.
+  BagofTricks' ``ClassBalanceFocal``), ``'softmax_bce'`` (BCE of the softmax probabilities, the
+  vandit15 port's ``"softmax"``, :func:`softmax_bce_loss`). Needs raw counts.
   """
-  kinds = ("softmax", "sigmoid", "focal")
+  kinds = ("softmax", "sigmoid", "focal", "softmax_bce")
   if kind not in kinds:
     raise ValueError(f"unknown class-balanced loss kind {kind!r}; valid kinds: {', '.join(kinds)}")
   w = resolve_class_weights(prior_or_counts, "effective_number", beta=beta)
   if kind == "softmax":
     base = softmax_cross_entropy(logits, labels)
+  elif kind == "softmax_bce":  # the vandit15 port's "softmax" (weight balancing's stage-2 loss)
+    base = softmax_bce_loss(logits, labels)
   elif kind == "sigmoid":
     base = sigmoid_cross_entropy(logits, labels)
   else:

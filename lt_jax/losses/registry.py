@@ -12,7 +12,7 @@ from lt_jax.losses.functions import (
     eqlv2_class_weights, eqlv2_grad_stats, eqlv2_loss, equalization_loss, focal_loss, focal_modulate,
     generalized_logit_adjusted_loss, label_smoothing_cross_entropy, ldam_loss, logit_adjusted_loss,
     resolve_class_weights, seesaw_loss, sigmoid_cross_entropy, sigmoid_focal_loss,
-    softmax_cross_entropy, softmax_equalization_loss)
+    softmax_bce_loss, softmax_cross_entropy, softmax_equalization_loss)
 from lt_jax.losses.experts import check_expert_logits, ride_loss, sade_loss
 
 
@@ -135,6 +135,10 @@ _SPECS: dict[str, _Spec] = {
     "cb_focal": _Spec({"beta": 0.9999, "gamma": 0.5}, "cb",
                       _stateless(lambda z, y, pr, hp: sigmoid_focal_loss(z, y, gamma=hp["gamma"])),
                       None, _no_step),
+    # Weight balancing's stage-2 loss: the vandit15 port's CB "softmax" = BCE of softmax probabilities.
+    "cb_softmax_bce": _Spec({"beta": 0.9999}, "cb",
+                            _stateless(lambda z, y, pr, hp: softmax_bce_loss(z, y)),
+                            None, _no_step),
     "ldam": _Spec({"max_m": 0.5, "s": 30.0}, "optional",
                   _stateless(lambda z, y, pr, hp: ldam_loss(z, y, pr, max_m=hp["max_m"],
                                                             s=hp["s"])),
@@ -257,7 +261,8 @@ def make_loss(name: str, **hparams) -> Loss:
     class weights go, see :func:`focal_loss`); ``bce`` (sigmoid, summed);
     ``sigmoid_focal`` (gamma=2.0, alpha=None scalar or vector);
   * ``cb_softmax`` / ``cb_sigmoid`` / ``cb_focal`` (beta=0.9999; cb_focal gamma=0.5): effective-
-    number weights, need raw counts;
+    number weights, need raw counts; ``cb_softmax_bce`` (beta=0.9999): the same weights on the BCE of
+    the softmax probabilities (vandit15's port, weight balancing's stage 2, ``softmax_bce_loss``);
   * ``ldam`` (max_m=0.5, s=30.0); ``logit_adjusted`` (tau=1.0); ``balanced_softmax``;
     ``generalized_la`` (tau=1.0, or delta=(C, C) matrix; alpha=None (C,) vector);
   * ``eql`` (lam=0.00177); ``seql`` (lam=0.005, gamma=0.9, stochastic=True, seed=0);

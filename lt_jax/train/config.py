@@ -30,8 +30,12 @@ SAMPLERS = _samplers.SAMPLERS
 SCHEDULES = ("step", "cosine", "constant")
 PROFILES = ("exp", "step", "pareto")
 MIXES = ("none", "mixup", "cutmix", "remix")
-# stages that train: a frozen-backbone classifier (crt, lws, bags) or the whole network (finetune)
-TRAIN_STAGES = ("crt", "lws", "bags", "finetune")
+# Stages that train: a frozen-backbone classifier (crt, lws, bags; wb: weight balancing's stage 2,
+# MaxNorm + WD + CB; smote_crt / meta_sampler on cached features) or the whole network (finetune).
+# Append only: a stage's position seeds its head initialisation (trainer.stage_variables) and stream.
+TRAIN_STAGES = ("crt", "lws", "bags", "wb", "smote_crt", "meta_sampler", "finetune")
+# training stages on cached frozen features (= lt_jax.train.feature_stages), in-memory datasets only
+FEATURE_STAGES = ("smote_crt", "meta_sampler")
 EVAL_STAGES = ("tau_norm", "posthoc", "ncm")  # stages that derive a classifier without training
 STAGES = TRAIN_STAGES + EVAL_STAGES
 BBN_MODELS = ("cnn", "resnet20", "resnet32", "resnet44", "resnet56")
@@ -43,7 +47,8 @@ LOSS_ALIASES = {"la": "logit_adjusted", "bs": "balanced_softmax", "cb": "cb_soft
 # Named recipes that are a loss plus settings (set_loss).
 LOSS_RECIPES = ("ldam_drw", "focal_drw", "wce_sqrt", "ce_drw", "ride_drw")
 SAMPLER_ALIASES = {"cb": "class_balanced", "class": "class_balanced", "balanced": "class_balanced",
-                   "sqrt_balanced": "sqrt", "aware": "class_aware", "ib": "instance"}
+                   "sqrt_balanced": "sqrt", "aware": "class_aware", "ib": "instance",
+                   "under": "random_under", "over": "random_over"}
 
 
 
@@ -62,6 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(name="ce", hparams=ml_collections.ConfigDict(), drw_epoch=-1.0))
   # defer_epochs > 0: deferred re-sampling (DRS), instance sampling before this epoch
   c.sampler = ml_collections.ConfigDict(dict(name="instance", k_per_class=4, defer_epochs=0))
+  # random_under / random_over: target_count T per class (0: n_min / n_max); redraw: a new
+  # resampled set every pass over it (False: drawn once for the run; lt_jax.samplers.SAMPLERS)
+  c.sampler.target_count = 0
+  c.sampler.redraw = False
   c.augment = ml_collections.ConfigDict(dict(crop_pad=4, flip=True))
   c.mix = ml_collections.ConfigDict(dict(name="none", alpha=1.0, kappa=3.0, tau=0.5))
   c.optim = ml_collections.ConfigDict(dict(
@@ -86,6 +95,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.stage.bags = ml_collections.ConfigDict(dict(
       num_epochs=10, sampler="instance", loss="ce", bin_split=(10.0, 100.0, 1000.0),
       optim=c.stage.crt.optim.copy_and_resolve_references()))
+  # Weight balancing's stage 2 (Alshammari et al., CVPR 2022, demo2_second-stage-training.py): the
+  # stage-1 classifier fine-tuned (not re-initialised) with vandit15's CB "softmax" loss, wd 0.1,
+  # lr 0.01 cosine, and MaxNorm every step at radius min + max_norm_thresh (max - min) of the
+  # stage-1 class norms (lt_jax.weight_balancing). The `wb` variant also sets stage 1's wd 5e-3.
+  c.stage.wb = ml_collections.ConfigDict(dict(
+      num_epochs=10, sampler="instance", loss="cb_softmax_bce", max_norm_thresh=0.1,
+      optim=ml_collections.ConfigDict(dict(
+          name="sgd", lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.1, schedule="cosine",
+          warmup_epochs=0.0, decay_epochs=(), decay_factor=0.1))))
+  # Cached-feature stages (lt_jax.train.feature_stages), a fresh classifier with cRT's optimiser.
+  # smote_crt: SMOTE (imbalanced-learn semantics) on the frozen training features, then `sampler`.
+  c.stage.smote_crt = ml_collections.ConfigDict(dict(
+      num_epochs=10, sampler="instance", loss="ce", k_neighbors=5, sampling_strategy="auto",
+      optim=c.stage.crt.optim.copy_and_resolve_references()))
+  # meta_sampler: BALMS (Ren et al., NeurIPS 2020): Balanced Softmax on batches of the learnt
+  # sampler; `sampler` draws the meta batches (class-aware over the training features, the
+  # reference's CIFAR recipe); Adam meta_lr on the sampler logits, initialised with init_pow;
+  # meta_batch_size 0: batch_size.
+  c.stage.meta_sampler = ml_collections.ConfigDict(dict(
+      num_epochs=10, sampler="class_aware", loss="balanced_softmax", meta_lr=0.01, meta_batch_size=0,
+      init_pow=0.0, optim=c.stage.crt.optim.copy_and_resolve_references()))
   grid = tuple(round(0.1 * i, 1) for i in range(21))  # linspace(0, 2, 21), the reference grid
   c.stage.tau_norm = ml_collections.ConfigDict(dict(taus=grid, keep_bias=False, select="balanced_error_rate"))
   c.stage.posthoc = ml_collections.ConfigDict(dict(taus=grid, select="balanced_error_rate"))
@@ -199,6 +229,9 @@ def apply_common_variants(c: ml_collections.ConfigDict, variant: dict, allowed: 
     c.mix.name = str(variant["mix"])
   if "bbn" in variant:
     c.model.bbn = True
+  if "wb" in variant:  # weight balancing: stage 1 = CE with wd 5e-3, then the wb stage
+    c.optim.weight_decay = 5e-3
+    c.stages = "wb"
   if "stages" in variant:  # commas separate variant keys, so stages are joined by '+'
     c.stages = str(variant["stages"]).replace("+", ",")
   for key in ("seeds", "losses", "samplers"):  # a population (lt_jax.train.population), '+'-joined
@@ -221,7 +254,7 @@ def variant_number(variant: dict, key: str, kind=float):
 
 
 COMMON_VARIANTS = ("ir", "loss", "sampler", "head", "seed", "mix", "bbn", "stages", "epochs", "test_agnostic",
-                   "contrastive", "seeds", "losses", "samplers")
+                   "contrastive", "wb", "seeds", "losses", "samplers")
 
 
 def set_epochs(c: ml_collections.ConfigDict, num_epochs: float) -> None:
@@ -438,7 +471,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if c.dataset.get("source", "memory") != "memory":  # host input pipeline: configs/imagenet_lt.py, inat18.py
     from lt_jax.data import streaming  # the source names live with the pipeline
     _choice(c.dataset.source, streaming.STREAM_SOURCES, "dataset.source")
-    unsupported = [s for s in stage_names(c) if s in EVAL_STAGES] + (["model.bbn"] if c.model.bbn else [])
+    unsupported = [s for s in stage_names(c) if s in EVAL_STAGES + FEATURE_STAGES] + (
+        ["model.bbn"] if c.model.bbn else [])
     if unsupported:
       raise ConfigError(f"not available for streamed datasets: {', '.join(unsupported)} (they need the "
                         "dataset in memory); streamed datasets support "
@@ -470,6 +504,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     raise ConfigError(f"augment.crop_pad must be >= 0, got {c.augment.crop_pad}")
   if c.sampler.k_per_class < 1:
     raise ConfigError(f"sampler.k_per_class must be >= 1, got {c.sampler.k_per_class}")
+  if not isinstance(c.sampler.target_count, int) or c.sampler.target_count < 0:
+    raise ConfigError(f"sampler.target_count must be an int >= 0 (0: n_min for random_under, n_max for "
+                      f"random_over), got {c.sampler.target_count!r}")
   _choice(c.mix.name, MIXES, "mix")
   if c.mix.name != "none" and not c.mix.alpha > 0:
     raise ConfigError(f"mix.alpha must be > 0, got {c.mix.alpha}")
@@ -577,6 +614,7 @@ def validate_stages(c: ml_collections.ConfigDict) -> None:
                       "the other stages do not read")
   if "bags" in names and c.model.head != "linear":
     raise ConfigError(f"bags trains a linear group-softmax head; model.head is {c.model.head!r}")
+  validate_new_stages(c, names)
   if "lws" in names and "crt" in names and names.index("lws") < names.index("crt"):
     raise ConfigError("lws before crt: cRT re-initialises the classifier LWS learnt scales for")
   for name in ("tau_norm", "posthoc"):
@@ -589,6 +627,36 @@ def validate_stages(c: ml_collections.ConfigDict) -> None:
       if c.dataset.val_per_class < 1:
         raise ConfigError(f"stage {name!r} selects tau on a validation split carved from the training "
                           "data (never on test): set dataset.val_per_class, e.g. 20")
+
+
+def validate_new_stages(c: ml_collections.ConfigDict, names: list[str]) -> None:
+  """Settings of the weight-balancing and cached-feature stages (wb, smote_crt, meta_sampler)."""
+  if "wb" in names:
+    if c.model.head != "linear":
+      raise ConfigError(f"wb (MaxNorm) constrains the rows of a linear classifier; model.head is {c.model.head!r}")
+    if not (_finite(c.stage.wb.max_norm_thresh) and 0 <= c.stage.wb.max_norm_thresh <= 1):
+      raise ConfigError(f"stage.wb.max_norm_thresh must be in [0, 1], got {c.stage.wb.max_norm_thresh}")
+    if "lws" in names and names.index("lws") < names.index("wb"):
+      raise ConfigError("lws before wb: weight balancing fine-tunes a linear classifier, not LWS scales")
+  if "smote_crt" in names:
+    from lt_jax import smote  # the strategy names live with the function
+    s = c.stage.smote_crt
+    _choice(s.sampling_strategy, smote.SAMPLING_STRATEGIES, "stage.smote_crt.sampling_strategy")
+    if not isinstance(s.k_neighbors, int) or s.k_neighbors < 1:
+      raise ConfigError(f"stage.smote_crt.k_neighbors must be an int >= 1, got {s.k_neighbors!r}")
+  if "meta_sampler" in names:
+    s = c.stage.meta_sampler
+    if not (_finite(s.meta_lr) and s.meta_lr >= 0):
+      raise ConfigError(f"stage.meta_sampler.meta_lr must be a finite number >= 0, got {s.meta_lr}")
+    if not _finite(s.init_pow):
+      raise ConfigError(f"stage.meta_sampler.init_pow must be a finite number, got {s.init_pow}")
+    if not isinstance(s.meta_batch_size, int) or s.meta_batch_size < 0:
+      raise ConfigError(f"stage.meta_sampler.meta_batch_size must be an int >= 0 (0: batch_size), "
+                        f"got {s.meta_batch_size!r}")
+    name = LOSS_ALIASES.get(s.loss, s.loss)
+    if _losses.make_loss(name, **_losses.default_hparams(name)).init(2) != ():
+      raise ConfigError(f"stage.meta_sampler.loss must be a stateless loss (its state slot holds the sampler), "
+                        f"got {s.loss!r}")
 
 
 # ============================================================================ deep imbalanced regression

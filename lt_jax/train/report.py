@@ -108,10 +108,11 @@ def stages_table(summaries: dict[str, dict[str, float]]) -> str:
   """One row per stage (joint model first): top-1, BER and many/medium/few accuracy."""
   cols = (("accuracy", "top-1"), ("balanced_error_rate", "BER"), ("many_shot", "many"),
           ("medium_shot", "medium"), ("few_shot", "few"))
-  lines = [f"{'stage':<10}" + "".join(f"{name:>9}" for _, name in cols)]
+  width = max([10] + [len(stage) + 1 for stage in summaries])   # 'meta_sampler' is longer than 10
+  lines = [f"{'stage':<{width}}" + "".join(f"{name:>9}" for _, name in cols)]
   for stage, s in summaries.items():
     cells = "".join(f"{s[k]:>9.4f}" if np.isfinite(s.get(k, np.nan)) else f"{'n/a':>9}" for k, _ in cols)
-    lines.append(f"{stage:<10}{cells}")
+    lines.append(f"{stage:<{width}}{cells}")
   return "\n".join(lines)
 
 

@@ -62,6 +62,8 @@ class StepConfig(NamedTuple):
   bbn: bool = False
   bbn_div_epoch: int = 0  # BBN T_div; 0: decoupled.bbn_div_epoch(num_epochs), the reference rule
   experts: bool = False
+  resample_target: int = 0       # random_under / random_over target count (0: n_min / n_max)
+  resample_redraw: bool = False  # random_under / random_over: a new resampled set every pass
 
 
 def _instance_indices(key: jax.Array, step: jax.Array, n: int, sc: StepConfig) -> jax.Array:
@@ -86,6 +88,9 @@ def batch_indices(key: jax.Array, step: jax.Array, data: TrainData, counts: jax.
   if sampler == "class_aware":  # one class cycle continued across batches, as the reference
     idx = samplers.class_aware_indices(key, data.index, sc.batch_size, sc.k_per_class,
                                        start=step * sc.batch_size)
+  elif sampler in samplers.RESAMPLE_MODES:  # passes over the resampled set, continued across batches
+    idx = samplers.resampled_indices(key, data.index, sc.batch_size, sampler, target=sc.resample_target,
+                                     start=step * sc.batch_size, redraw=sc.resample_redraw)
   else:
     draw_key = jax.random.fold_in(key, step)
     if sampler == "class_balanced":

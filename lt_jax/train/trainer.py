@@ -31,9 +31,11 @@ import numpy as np
 import optax
 
 from lt_jax import decoupled, heads, losses, metrics, priors, samplers
+from lt_jax import weight_balancing
 from lt_jax.data import longtail
 from lt_jax.models import EXPERT_MODELS, get_model
-from lt_jax.train import checkpoint, config as config_lib, durations, evaluators, loop, optim, report, steps
+from lt_jax.train import checkpoint, config as config_lib, durations, evaluators, feature_stages, loop, optim, report
+from lt_jax.train import steps
 from lt_jax.train import workdir as workdir_lib
 from lt_jax.train.loop import NonFiniteLossError  # noqa: F401  (re-exported: the run's error)
 from lt_jax.train.state import batch_sharded, create_state, make_mesh, put_global, replicated
@@ -125,6 +127,11 @@ class StageSpec(NamedTuple):
   record: dict               # the settings a resumed checkpoint must match
   logit_fn: Callable | None = None  # model outputs -> class scores (BAGS group softmax)
   contrastive: Any = None    # contrastive.ContrastiveSettings: the joint stage's contrastive update
+  # variables -> a transformation chained after the optimiser, inside the trainable partition (wb's MaxNorm)
+  extra_tx: Callable | None = None
+  # (ctx, spec, tx, schedule, grad_mask, variables) -> (update, input): a stage with its own update
+  # function and input (the cached-feature stages); None: the image train step and train_input
+  build: Callable | None = None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -277,12 +284,19 @@ def joint_spec(ctx: Context, workdir: str) -> StageSpec:
 
 
 def stage_spec(ctx: Context, name: str, workdir: str) -> StageSpec:
-  """A decoupled classifier stage (cRT / LWS / BAGS) on the frozen backbone, or full fine-tuning."""
+  """A decoupled classifier stage (cRT / LWS / BAGS / weight balancing's stage 2 / the cached-feature
+  stages SMOTE-cRT and Meta Sampler) on the frozen backbone, or full fine-tuning."""
   c, s = ctx.config, ctx.config.stage[name]
   loss_name = config_lib.LOSS_ALIASES.get(s.loss, s.loss)
   head = "lws" if name == "lws" else c.model.head
   loss = losses.make_loss(loss_name, **losses.default_hparams(loss_name))
-  num_outputs, logit_fn = ctx.data.num_classes, None
+  num_outputs, logit_fn, extra_tx, build = ctx.data.num_classes, None, None, None
+  if name == "wb":  # MaxNorm with the radius of the stage-1 classifier (Alshammari et al., CVPR 2022)
+    thresh = float(s.max_norm_thresh)
+    extra_tx = lambda v: weight_balancing.max_norm(
+        weight_balancing.max_norm_radius(v["params"]["head"]["kernel"], thresh))
+  if name in config_lib.FEATURE_STAGES:
+    loss, build = feature_stages.stage_loss(name, s, ctx.data.counts), feature_stages.build
   if name == "bags":
     groups = jnp.asarray(decoupled.bags_groups(ctx.data.counts, tuple(s.bin_split)))
     num_outputs = decoupled.group_softmax_num_outputs(groups)
@@ -296,30 +310,30 @@ def stage_spec(ctx: Context, name: str, workdir: str) -> StageSpec:
   trainable = "all" if finetune else "lws_scales" if name == "lws" else "head"
   return StageSpec(name, workdir, build_model(c, num_outputs, head=head), loss, s.optim,
                    int(s.num_epochs), _step_config(ctx, s.sampler, int(s.num_epochs), bn_train=finetune),
-                   trainable, record, logit_fn)
+                   trainable, record, logit_fn, extra_tx=extra_tx, build=build)
 
 
 def _step_config(ctx: Context, sampler: str, num_epochs: int, bn_train: bool) -> steps.StepConfig:
   c, d = ctx.config, ctx.data
   return steps.StepConfig(batch_size=c.batch_size, steps_per_epoch=ctx.steps_per_epoch, num_epochs=num_epochs,
                           sampler=sampler, k_per_class=c.sampler.k_per_class, crop_pad=c.augment.crop_pad,
-                          flip=c.augment.flip, mean=d.mean, std=d.std, num_classes=d.num_classes, bn_train=bn_train)
+                          flip=c.augment.flip, mean=d.mean, std=d.std, num_classes=d.num_classes, bn_train=bn_train,
+                          resample_target=int(c.sampler.target_count), resample_redraw=bool(c.sampler.redraw))
 
 
 def stage_variables(ctx: Context, name: str, model, variables: Variables) -> Variables:
-  """The starting point of a training stage: cRT re-initialises the head, LWS adds scales,
-  BAGS puts a fresh head of ``C + G`` outputs on the backbone; fine-tuning starts from the model as is."""
+  """The starting point of a training stage: cRT (and the cached-feature stages) re-initialise the
+  head, LWS adds scales, BAGS puts a fresh head of ``C + G`` outputs on the backbone, weight
+  balancing's stage 2 fine-tunes the stage-1 classifier itself, fine-tuning starts from the model as is."""
   params = dict(variables["params"])
   # A key per stage name: the same stage on the same model starts the same, whatever ran before.
   key = jax.random.fold_in(jax.random.key(ctx.config.seed), 1000 + config_lib.STAGES.index(name))
   shape = (1, *ctx.data.image_shape)
-  if name == "crt":
+  if name == "crt" or name in config_lib.FEATURE_STAGES:
     params = decoupled.reinit_head(params, key, model, shape, train=False)
   elif name == "bags":
     params["head"] = model.init(key, jnp.zeros(shape), train=False)["params"]["head"]
-  elif name == "finetune":
-    pass
-  else:
+  elif name == "lws":
     params["head"] = heads.lws_from_linear(params["head"])
   return {"params": params, "batch_stats": variables["batch_stats"]}
 
@@ -334,7 +348,8 @@ def train_input(ctx: Context, spec: StageSpec):
   return loop.StreamInput(lambda start, end: streaming.train_arrays(
       ctx.data.stream, batch_sharded(ctx.mesh), batch_size=sc.batch_size, sampler=sc.sampler, seed=seed,
       num_epochs=spec.num_epochs, steps_per_epoch=ctx.steps_per_epoch, k_per_class=sc.k_per_class,
-      defer_epochs=sc.defer_epochs, start_step=start, end_step=end))
+      defer_epochs=sc.defer_epochs, start_step=start, end_step=end, resample_target=sc.resample_target,
+      resample_redraw=sc.resample_redraw))
 
 
 def fit(ctx: Context, spec: StageSpec, variables: Variables | None):
@@ -348,6 +363,8 @@ def fit(ctx: Context, spec: StageSpec, variables: Variables | None):
   last_step = total_steps if config.max_steps < 0 else min(total_steps, config.max_steps)
   schedule = optim.make_schedule(spec.optim, spe, spec.num_epochs)
   tx = optim.make_optimizer(spec.optim, schedule)
+  if spec.extra_tx is not None:
+    tx = optax.chain(tx, spec.extra_tx(variables))
   grad_mask = None
   if spec.trainable != "all":
     labels = decoupled.param_labels(variables["params"], spec.trainable)
@@ -355,15 +372,19 @@ def fit(ctx: Context, spec: StageSpec, variables: Variables | None):
     grad_mask = jax.tree.map(lambda l: l == "trainable", labels)
   state = create_state(spec.model, tx, spec.loss, ctx.data.num_classes, ctx.data.image_shape, config.seed, mesh,
                        variables)
-  if spec.contrastive is not None:  # a contrastive method's update (multi-view input, its own state)
+  if spec.build is not None:
+    update, stage_input = spec.build(ctx, spec, tx, schedule, grad_mask, variables)
+  elif spec.contrastive is not None:  # a contrastive method's update (multi-view input, its own state)
     from lt_jax.train import contrastive
     state = contrastive.init_method_state(state, spec.contrastive, ctx.data.num_classes, config.seed, mesh)
     update = contrastive.make_contrastive_step(spec.model, tx, spec.loss, schedule, ctx.counts_dev,
                                                spec.step_config, spec.contrastive, mesh)
+    stage_input = train_input(ctx, spec)
   else:
     update = steps.make_train_step(spec.model, tx, spec.loss, schedule, ctx.counts_dev, spec.step_config, mesh,
                                    grad_mask=grad_mask, logit_fn=spec.logit_fn,
                                    host_batches=ctx.data.stream is not None)
+    stage_input = train_input(ctx, spec)
   sampler = spec.step_config.sampler
   periodic = []
   evs = configured_evals(ctx, spec.model, spec.logit_fn)
@@ -376,7 +397,7 @@ def fit(ctx: Context, spec: StageSpec, variables: Variables | None):
         if "accuracy" in s else None))
   run = loop.Run(
       name=f"stage {spec.name}", workdir=spec.workdir, record=spec.record, state=state, update=update,
-      input=train_input(ctx, spec), last_step=last_step, batch_size=config.batch_size,
+      input=stage_input, last_step=last_step, batch_size=config.batch_size,
       log_every=int(config.log_every_steps),
       checkpoint_every=durations.steps("checkpoint_every", config, spe, config.batch_size, cadence=True),
       keep_checkpoints=config.keep_checkpoints, evals=periodic,
