@@ -384,8 +384,9 @@ def validate_stages(c: ml_collections.ConfigDict) -> None:
 # ============================================================================ deep imbalanced regression
 
 DIR_DATASETS = ("rotated_fashion_mnist", "csv")
-DIR_LOSSES = ("mse", "l1", "huber", "focal_r", "balanced_mse")
-DIR_METHODS = ("vanilla", "sqinv", "lds", "fds", "lds_fds", "balanced_mse")
+DIR_LOSSES = ("mse", "l1", "huber", "focal_r", "balanced_mse", "balanced_mse_gai", "balanced_mse_bni")
+DIR_METHODS = ("vanilla", "sqinv", "lds", "fds", "lds_fds", "balanced_mse", "balanced_mse_gai", "balanced_mse_bni")
+BALANCED_MSE = ("balanced_mse", "balanced_mse_gai", "balanced_mse_bni")  # BMC, GAI, BNI (Ren et al. 2022)
 
 
 def regression_config() -> ml_collections.ConfigDict:
@@ -407,6 +408,10 @@ def regression_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
       name="mse", huber_beta=1.0, focal_kind="l1", focal_beta=0.2, focal_gamma=1.0,
       focal_activation="sigmoid", noise_sigma=8.0, learn_noise=True, sigma_lr=0.05))
+  # Balanced MSE GAI: components of the GMM fitted to the training targets (the reference's K);
+  # BNI: smooth the bucket histogram with the LDS window (lds.kernel / ks / sigma), the reference's --lds.
+  c.loss.gmm_components = 8
+  c.loss.bni_smooth = False
   c.lds = ml_collections.ConfigDict(dict(reweight="none", enabled=False, kernel="gaussian", ks=5, sigma=2.0,
                                          clip=(5.0, 1000.0), truncate=False))  # True: reference int64 density
   c.fds = ml_collections.ConfigDict(dict(enabled=False, kernel="gaussian", ks=5, sigma=2.0, momentum=0.9,
@@ -421,14 +426,15 @@ def regression_config() -> ml_collections.ConfigDict:
 
 
 def set_dir_method(c: ml_collections.ConfigDict, method: str) -> None:
-  """``vanilla`` (plain loss), ``sqinv`` (sqrt-inverse weights), ``lds``, ``fds``, ``lds_fds``, ``balanced_mse``."""
+  """``vanilla`` (plain loss), ``sqinv`` (sqrt-inverse weights), ``lds``, ``fds``, ``lds_fds``, ``balanced_mse``
+  (BMC), ``balanced_mse_gai``, ``balanced_mse_bni`` (the Balanced MSE loss of that name, no re-weighting)."""
   if method not in DIR_METHODS:
     raise ConfigError(f"unknown DIR method {method!r}; valid methods: {', '.join(DIR_METHODS)}")
   c.lds.reweight = "sqrt_inv" if method in ("sqinv", "lds", "lds_fds") else "none"
   c.lds.enabled = method in ("lds", "lds_fds")
   c.fds.enabled = method in ("fds", "lds_fds")
-  if method == "balanced_mse":
-    c.loss.name = "balanced_mse"
+  if method in BALANCED_MSE:
+    c.loss.name = method
 
 
 def _positive(values: dict) -> None:
@@ -490,6 +496,8 @@ def validate_regression(c: ml_collections.ConfigDict, num_devices: int = 1) -> N
     raise ConfigError(f"fds.clip must be (lo, hi) with 0 < lo <= hi, got {tuple(c.fds.clip)}")
   if not c.bins.many >= c.bins.few >= 0:
     raise ConfigError(f"bins.many must be >= bins.few >= 0, got {c.bins.many}, {c.bins.few}")
+  if not isinstance(c.loss.gmm_components, int) or c.loss.gmm_components < 1:
+    raise ConfigError(f"loss.gmm_components must be an int >= 1, got {c.loss.gmm_components!r}")
   if c.loss.name == "balanced_mse" and c.batch_size < 2:
     raise ConfigError("balanced_mse contrasts each prediction with the batch's other targets: batch_size >= 2")
 
