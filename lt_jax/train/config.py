@@ -31,7 +31,8 @@ SCHEDULES = ("step", "cosine", "constant")
 PROFILES = ("exp", "step", "pareto")
 MIXES = ("none", "mixup", "cutmix", "remix")
 TRAIN_STAGES = ("crt", "lws", "bags")    # stages that train (a frozen-backbone classifier)
-EVAL_STAGES = ("tau_norm", "posthoc", "ncm")  # stages that derive a classifier without training
+EVAL_STAGES = ("tau_norm", "posthoc", "ncm",  # stages that derive a classifier without training
+               "posterior_recal")
 STAGES = TRAIN_STAGES + EVAL_STAGES
 BBN_MODELS = ("cnn", "resnet20", "resnet32", "resnet44", "resnet56")
 
@@ -87,6 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.stage.tau_norm = ml_collections.ConfigDict(dict(taus=grid, keep_bias=False, select="balanced_error_rate"))
   c.stage.posthoc = ml_collections.ConfigDict(dict(taus=grid, select="balanced_error_rate"))
   c.stage.ncm = ml_collections.ConfigDict()  # cl2n features, squared L2 (no settings)
+  # Posterior re-calibration (Tian et al., NeurIPS 2020) = post-hoc LA with tau = beta; target_prior:
+  # () = balanced, else the target's C counts or prior.
+  c.stage.posterior_recal = ml_collections.ConfigDict(dict(betas=grid, select="balanced_error_rate",
+                                                           target_prior=()))
   # Evaluators as data (lt_jax.train.evaluators.EVALUATORS): run every eval_every_epochs during
   # training (or their own every_epochs / every_steps) and at the end of every training stage.
   # The first one's result is the stage's summary.json.
@@ -369,11 +374,16 @@ def validate_stages(c: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"bags trains a linear group-softmax head; model.head is {c.model.head!r}")
   if "lws" in names and "crt" in names and names.index("lws") < names.index("crt"):
     raise ConfigError("lws before crt: cRT re-initialises the classifier LWS learnt scales for")
-  for name in ("tau_norm", "posthoc"):
+  for name in ("tau_norm", "posthoc", "posterior_recal"):
     if name in names:
       s = c.stage[name]
-      if not len(s.taus) or min(s.taus) < 0:
-        raise ConfigError(f"stage.{name}.taus must be a non-empty grid of values >= 0")
+      grid_key = "betas" if name == "posterior_recal" else "taus"
+      if not len(s[grid_key]) or min(s[grid_key]) < 0:
+        raise ConfigError(f"stage.{name}.{grid_key} must be a non-empty grid of values >= 0")
+      if name == "posterior_recal" and len(s.target_prior) and (
+          min(s.target_prior) < 0 or not sum(s.target_prior) > 0):
+        raise ConfigError("stage.posterior_recal.target_prior must be () (balanced) or C counts / "
+                          f"probabilities >= 0 with a positive sum, got {tuple(s.target_prior)}")
       from lt_jax import decoupled  # the selection keys live with the selection function
       _choice(s.select, tuple(decoupled.SELECTION_KEYS), f"stage.{name}.select")
       if c.dataset.val_per_class < 1:
