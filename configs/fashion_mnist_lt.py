@@ -7,10 +7,12 @@ Runs offline on a 2-core CPU in under 15 minutes (Fashion-MNIST comes from Debia
   python launch.py --config=configs/fashion_mnist_lt.py:loss=la,seed=1 --workdir=/tmp/fmnist_la1
 
 Variant keys: ir, loss (a registry name, alias or recipe such as ldam_drw), sampler, head,
-seed, mix=mixup|cutmix|remix, bbn, stages=crt+tau_norm+..., epochs=<int> (scales the
-schedule), smoke.
+seed, mix=mixup|cutmix|remix, bbn, mwnet (Meta-Weight-Net; meta set = the validation split,
+10 per class unless dataset.val_per_class is set), stages=crt+tau_norm+...+posterior_recal,
+epochs=<int> (scales the schedule), smoke.
 
   python launch.py --config=configs/fashion_mnist_lt.py:loss=ldam_drw --workdir=/tmp/fm_ldam
+  python launch.py --config=configs/fashion_mnist_lt.py:mwnet --config.dataset.val_per_class=20 --workdir=/tmp/fm_mwnet
   python launch.py --config=configs/fashion_mnist_lt.py:stages=crt+tau_norm+ncm+posthoc \
       --config.dataset.val_per_class=20 --workdir=/tmp/fm_decoupled  # joint CE, then stages
 """

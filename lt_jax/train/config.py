@@ -71,6 +71,16 @@ def base_config() -> ml_collections.ConfigDict:
   # from the previous training stage (the joint model first); tau_norm / posthoc / ncm
   # evaluate the current model. `init_from`: workdir of a finished run whose final model
   # replaces the joint stage (same dataset and model config required).
+  # Meta-Weight-Net (Shu et al., NeurIPS 2019) in the joint stage: a VNet (1 -> hidden -> 1, sigmoid)
+  # maps each example's loss to its weight, meta-learnt on the balanced meta set, which is the
+  # validation split carved from the training data (dataset.val_per_class; the reference: 10 per
+  # class). meta_batch_size 0: batch_size (at most the meta set). optim: the VNet's optimiser, the
+  # reference's SGD 1e-5, momentum 0.9, Nesterov, wd 5e-4, constant.
+  c.meta_weight = ml_collections.ConfigDict(dict(
+      enabled=False, hidden=100, meta_batch_size=0,
+      optim=ml_collections.ConfigDict(dict(name="sgd", lr=1e-5, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                                           schedule="constant", warmup_epochs=0.0, decay_epochs=(),
+                                           decay_factor=0.1))))
   c.stages = ""
   c.init_from = ""
   c.stage = ml_collections.ConfigDict()
@@ -161,6 +171,9 @@ def apply_common_variants(c: ml_collections.ConfigDict, variant: dict, allowed: 
     c.model.bbn = True
   if "stages" in variant:  # commas separate variant keys, so stages are joined by '+'
     c.stages = str(variant["stages"]).replace("+", ",")
+  if "mwnet" in variant:  # Meta-Weight-Net; its meta set is the validation split (reference: 10 per class)
+    c.meta_weight.enabled = True
+    c.dataset.val_per_class = c.dataset.val_per_class or 10
   return c
 
 
@@ -173,7 +186,7 @@ def variant_number(variant: dict, key: str, kind=float):
                       ) from None
 
 
-COMMON_VARIANTS = ("ir", "loss", "sampler", "head", "seed", "mix", "bbn", "stages", "epochs")
+COMMON_VARIANTS = ("ir", "loss", "sampler", "head", "seed", "mix", "bbn", "stages", "epochs", "mwnet")
 
 
 def set_epochs(c: ml_collections.ConfigDict, num_epochs: float) -> None:
@@ -322,8 +335,30 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
       raise ConfigError(f"model.bbn needs one of {', '.join(BBN_MODELS)}, got {c.model.name!r}")
     if c.mix.name != "none":
       raise ConfigError("model.bbn and mix cannot be combined (BBN mixes features of two samplers)")
+  validate_meta_weight(c)
   validate_stages(c)
   validate_evals(c)
+
+
+def validate_meta_weight(c: ml_collections.ConfigDict) -> None:
+  """Meta-Weight-Net needs the in-memory dataset, a meta set (``dataset.val_per_class``) and plain batches."""
+  m = c.meta_weight
+  if not m.enabled:
+    return
+  if c.dataset.get("source", "memory") != "memory":
+    raise ConfigError("meta_weight (Meta-Weight-Net) needs an in-memory dataset: its meta set is the "
+                      "validation split carved from the training data")
+  if c.dataset.val_per_class < 1:
+    raise ConfigError("meta_weight (Meta-Weight-Net) learns on a balanced meta set, the validation split: set "
+                      "dataset.val_per_class, e.g. 10 (the reference's num_meta)")
+  if c.mix.name != "none" or c.model.bbn:
+    raise ConfigError("meta_weight (Meta-Weight-Net) weights each example's own loss: it cannot be combined "
+                      "with mix or model.bbn")
+  if not isinstance(m.hidden, int) or m.hidden < 1:
+    raise ConfigError(f"meta_weight.hidden must be an int >= 1, got {m.hidden!r}")
+  if not isinstance(m.meta_batch_size, int) or m.meta_batch_size < 0:
+    raise ConfigError(f"meta_weight.meta_batch_size must be an int >= 0 (0: batch_size), got {m.meta_batch_size!r}")
+  validate_optim(m.optim, c.num_epochs, "meta_weight.optim")
 
 
 def validate_evals(c: ml_collections.ConfigDict) -> None:
