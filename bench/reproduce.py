@@ -44,6 +44,8 @@ RUNS = {
     "bbn": ("bbn", False),
     "mixup": ("mix=mixup", False),
     "remix": ("mix=remix", False),
+    "mwnet": ("mwnet", False),                                  # meta set = the validation split
+    "ce_recal": ("loss=ce,stages=posterior_recal", True),       # evaluates the CE run's model
 }
 # table row -> (run, stage or None for the joint model)
 ROWS = {
@@ -64,6 +66,8 @@ ROWS = {
     "BBN": ("bbn", None),
     "Mixup": ("mixup", None),
     "Remix": ("remix", None),
+    "MW-Net": ("mwnet", None),
+    "CE + posterior re-calibration": ("ce_recal", "posterior_recal"),
 }
 
 
