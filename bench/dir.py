@@ -1,4 +1,5 @@
-r"""Deep imbalanced regression on rotated Fashion-MNIST: vanilla vs LDS vs FDS vs LDS+FDS vs Balanced MSE.
+r"""Deep imbalanced regression on rotated Fashion-MNIST: vanilla vs LDS vs FDS vs LDS+FDS vs Balanced MSE
+(BMC, GAI, BNI).
 
   nice -n 10 python bench/dir.py --seeds=0,1,2 --root=runs/dir
 
@@ -21,7 +22,7 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("vanilla", "lds", "fds", "lds_fds", "balanced_mse")
+METHODS = ("vanilla", "lds", "fds", "lds_fds", "balanced_mse", "balanced_mse_gai", "balanced_mse_bni")
 KEYS = ("mae", "many_mae", "medium_mae", "few_mae", "gm", "few_gm", "mse")
 
 
@@ -52,7 +53,7 @@ def run(config: str, method: str, seed: int, workdir: str, overrides: list[str])
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default="configs/fashion_mnist_dir.py")
-  p.add_argument("--methods", default=",".join(METHODS))
+  p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--root", default="runs/dir")
   args, overrides = p.parse_known_args()

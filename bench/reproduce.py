@@ -67,6 +67,8 @@ RUNS = {
     "rus": ("sampler=under", False),
     "ros": ("sampler=over", False),
     "ce_feat": ("stages=smote_crt+meta_sampler", True),
+    "mwnet": ("mwnet", False),                                  # meta set = the validation split
+    "ce_recal": ("loss=ce,stages=posterior_recal", True),       # evaluates the CE run's model
 }
 # table row -> (run, stage or None for the joint model)
 ROWS = {
@@ -100,6 +102,8 @@ ROWS = {
     "random over-sampling": ("ros", None),
     "CE + SMOTE-cRT (cached features)": ("ce_feat", "smote_crt"),
     "CE + Meta Sampler (BALMS, cached features)": ("ce_feat", "meta_sampler"),
+    "MW-Net": ("mwnet", None),
+    "CE + posterior re-calibration": ("ce_recal", "posterior_recal"),
 }
 
 

@@ -8,8 +8,15 @@ time on 2 cores.
   python launch.py --config=configs/fashion_mnist_dir.py --workdir=/tmp/fmnist_dir
   python launch.py --config=configs/fashion_mnist_dir.py:method=lds_fds,seed=1 --workdir=/tmp/fmnist_dir_ldsfds
 
-Variant keys: method (vanilla | sqinv | lds | fds | lds_fds | balanced_mse), loss (mse | l1 | huber
-| focal_r | balanced_mse), seed, smoke. Every field is overridable, e.g. --config.fds.sigma=1.
+Variant keys: method (vanilla | sqinv | lds | fds | lds_fds | balanced_mse | balanced_mse_gai |
+balanced_mse_bni), loss (mse | l1 | huber | focal_r | balanced_mse | balanced_mse_gai |
+balanced_mse_bni), seed, smoke. Every field is overridable, e.g. --config.fds.sigma=1.
+Balanced MSE (Ren et al., CVPR 2022): ``balanced_mse`` is the batch Monte-Carlo form (BMC),
+``balanced_mse_gai`` integrates over a GMM fitted to the training targets (``loss.gmm_components``,
+default 8), ``balanced_mse_bni`` over the training histogram of the target bins (``loss.bni_smooth``
+smooths it with the LDS window); all three learn the noise scale (``loss.noise_sigma``, ``sigma_lr``).
+
+  python launch.py --config=configs/fashion_mnist_dir.py:method=balanced_mse_gai --workdir=/tmp/fmnist_dir_gai
 """
 
 from lt_jax.train import config as cfg

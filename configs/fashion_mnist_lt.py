@@ -8,16 +8,18 @@ Runs offline on a 2-core CPU in under 15 minutes (Fashion-MNIST comes from Debia
 
 Variant keys: ir, loss (a registry name, alias or recipe such as ldam_drw), sampler (also
 random_under / random_over, aliases under / over), head, seed, mix=mixup|cutmix|remix, bbn,
-stages=crt+tau_norm+...+wb+smote_crt+meta_sampler, wb (weight balancing: stage 1 with wd 5e-3,
-then the wb stage), epochs=<int> (scales the schedule), test_agnostic (adds the test-agnostic
-evaluator), contrastive=simclr|supcon|bcl|paco (a contrastive joint stage, README methods table),
-smoke; a population (``lt_jax.train.population``): seeds=0+1+2, losses=ce+la+bs,
-samplers=instance+cb. ``loss=ride_drw`` (RIDE) and ``loss=sade`` (SADE) switch the model to
-``cnn_experts``.
+stages=crt+tau_norm+...+wb+smote_crt+meta_sampler+posterior_recal, wb (weight balancing: stage 1
+with wd 5e-3, then the wb stage), mwnet (Meta-Weight-Net; meta set = the validation split, 10 per
+class unless dataset.val_per_class is set), epochs=<int> (scales the schedule), test_agnostic
+(adds the test-agnostic evaluator), contrastive=simclr|supcon|bcl|paco (a contrastive joint stage,
+README methods table), smoke; a population (``lt_jax.train.population``): seeds=0+1+2,
+losses=ce+la+bs, samplers=instance+cb. ``loss=ride_drw`` (RIDE) and ``loss=sade`` (SADE) switch
+the model to ``cnn_experts``.
 
   python launch.py --config=configs/fashion_mnist_lt.py:seeds=0+1+2,losses=ce+la+bs --workdir=/tmp/fm_pop
 
   python launch.py --config=configs/fashion_mnist_lt.py:loss=ldam_drw --workdir=/tmp/fm_ldam
+  python launch.py --config=configs/fashion_mnist_lt.py:mwnet --config.dataset.val_per_class=20 --workdir=/tmp/fm_mwnet
   python launch.py --config=configs/fashion_mnist_lt.py:stages=crt+tau_norm+ncm+posthoc \
       --config.dataset.val_per_class=20 --workdir=/tmp/fm_decoupled  # joint CE, then stages
   python launch.py --config=configs/fashion_mnist_lt.py:contrastive=simclr,stages=crt+finetune \

@@ -10,7 +10,7 @@ features may be float32 or bfloat16, every head computes and returns float32.
 Pure functions (``jax.numpy``; jit-, vmap- and grad-safe):
 
 * :func:`weight_norms`, :func:`tau_normalize`, :func:`tau_norm_logits`  (tau-normalisation)
-* :func:`posthoc_adjust`                                                  (logit adjustment)
+* :func:`posthoc_adjust`, :func:`posterior_recalibrate`                  (logit adjustment)
 * :func:`class_means`, :func:`ncm_centroids`, :func:`ncm_logits`          (NCM classifier)
 * :func:`lws_from_linear`                                                 (LWS stage set-up)
 * :func:`prior_bias_init`, :func:`sigmoid_prior_bias_init`                (bias initialisers)
@@ -323,6 +323,34 @@ def posthoc_adjust(logits: Array, prior: Array, tau: float | Array = 1.0,
   if shift.shape[-1] != z.shape[-1]:
     raise ValueError(f"prior has {shift.shape[-1]} classes but logits have {z.shape[-1]}")
   return z - jnp.asarray(tau, jnp.float32) * shift
+
+
+def posterior_recalibrate(logits: Array, prior: Array, beta: float | Array = 1.0,
+                          target_prior: Array | None = None) -> Array:
+  """Posterior re-calibration, ``p_out ∝ p^(1-beta) (p pi^t / pi)^beta``, as logits.
+
+  Tian, Liu, Glaser, Hsu & Kira, "Posterior Re-calibration for Imbalanced Datasets", NeurIPS
+  2020 (reference ``GT-RIPL/UNO-IC`` ``classification/rebalancing.py::prior_recbalancing``):
+  with ``p = softmax(z)``, source (training) prior ``pi`` and target prior ``pi^t`` (uniform
+  when ``None``), ``p_r ∝ p pi^t / pi`` and the output ``∝ p^(1-beta) p_r^beta``. In log space::
+
+      log p_out = (1 - beta) log p + beta (log p + log pi^t - log pi) + const
+                = z - beta (log pi - log pi^t) + const,
+
+  which *is* post-hoc logit adjustment (Menon et al., ICLR 2021) with ``tau = beta`` and a
+  target prior: this function is :func:`posthoc_adjust` under the paper's name, and
+  ``softmax`` of its output is the reference's normalised ``outputs``. ``beta`` is chosen on
+  the validation split (the reference README; lt_jax's ``posterior_recal`` stage), any
+  ``beta >= 0`` (the reference's Places-LT model uses 1.3).
+
+  Zero-count classes: the reference sets ``1 / pi_c = 0`` (their posterior becomes 0 for
+  ``beta > 0``); lt_jax applies its zero-count rule (:func:`lt_jax.priors.safe_counts`: the
+  class counts as half the rarest observed class), so such classes keep a finite score.
+  Equal for every class with training examples.
+  """
+  return posthoc_adjust(logits, prior, beta, target_prior)
+
+
 
 
 # ---------------------------------------------------------------------------------------

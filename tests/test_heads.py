@@ -245,3 +245,35 @@ def test_ncm_matches_numpy():
   # 'un' variant: raw squared distances
   zr = heads.ncm_logits(fte, ref_cent, normalize=False)
   np.testing.assert_allclose(zr, -((fte[:, None] - ref_cent[None]) ** 2).sum(-1), rtol=1e-4, atol=1e-4)
+
+
+def np_prior_rebalancing(logit, beta, s_prior, t_prior=None):
+  """GT-RIPL/UNO-IC classification/rebalancing.py::prior_recbalancing in NumPy float64."""
+  z = np.asarray(logit, np.float64)
+  prob = np.exp(z - z.max(1, keepdims=True))
+  prob /= prob.sum(1, keepdims=True)
+  with np.errstate(divide="ignore"):
+    inv_prior = 1.0 / np.asarray(s_prior, np.float64)
+  inv_prior[np.isinf(inv_prior)] = 0
+  prob_r = prob * inv_prior[None] * (1.0 if t_prior is None else np.asarray(t_prior, np.float64)[None])
+  prob_r /= prob_r.sum(1, keepdims=True)
+  out = prob ** (1 - beta) * prob_r ** beta
+  return out / out.sum(1, keepdims=True)
+
+
+def test_posterior_recalibration_is_posthoc_adjustment_with_tau_beta():
+  rng = np.random.default_rng(0)
+  z = rng.normal(0, 3, (16, 10)).astype(np.float32)
+  counts = np.asarray(priors.lt_counts(500, 10, 100), np.float64)
+  s_prior = counts / counts.sum()
+  t_prior = rng.dirichlet(np.ones(10))
+  recal = jax.jit(heads.posterior_recalibrate)
+  for beta in (0.0, 0.5, 1.0, 1.3, 2.0):
+    for tp in (None, t_prior):
+      got = jax.nn.softmax(recal(z, counts, beta, tp), axis=-1)   # counts or prior: same result
+      np.testing.assert_allclose(np.asarray(got, np.float64), np_prior_rebalancing(z, beta, s_prior, tp),
+                                 rtol=2e-5, atol=1e-7)
+      np.testing.assert_array_equal(np.asarray(recal(z, s_prior, beta, tp)),
+                                    np.asarray(heads.posthoc_adjust(z, s_prior, beta, tp)))  # the alias
+  # Target prior = source prior: no change for any beta.
+  np.testing.assert_allclose(np.asarray(heads.posterior_recalibrate(z, counts, 1.7, counts)), z, rtol=0, atol=1e-5)

@@ -609,3 +609,96 @@ def test_lds_inverse_truncate_density_matches_int64_convolve1d(kind):
   # sqrt_inv densities are floats in the reference: the flag does not change them.
   _close(R.lds_bin_weights(counts, "sqrt_inv", True, kind, 5, 2.0, truncate_density=True),
          R.lds_bin_weights(counts, "sqrt_inv", True, kind, 5, 2.0))
+
+
+# ------------------------------------------------------------------ Balanced MSE GAI / BNI (Ren et al., CVPR 2022)
+
+def np_balanced_nll(p, t, v, log_norm):
+  """2 sigma^2 [-log N(y; yhat, sigma^2) + log int N(y'; yhat, sigma^2) p_train(y') dy'] in float64."""
+  p, t = np.asarray(p, np.float64), np.asarray(t, np.float64)
+  return 2 * v * (-stats.norm.logpdf(t, p, np.sqrt(v)) + log_norm(p, v))
+
+
+def np_gmm_log_norm(gmm):
+  """log of the normaliser by numerical quadrature of N(y'; yhat, v) p_gmm(y') (no closed form used)."""
+  phi, mu, var = (np.asarray(a, np.float64) for a in gmm)
+  grid = np.linspace(-80.0, 200.0, 28001)
+  dens = (phi[:, None] * stats.norm.pdf(grid[None, :], mu[:, None], np.sqrt(var)[:, None])).sum(0)
+  return lambda x, v: np.log(np.trapezoid(stats.norm.pdf(grid[None, :], x[:, None], np.sqrt(v)) * dens, grid, axis=1))
+
+
+def np_bucket_info(labels, max_target, kernel=None):
+  """The reference's get_bucket_info: integer-label buckets, optional LDS convolve1d, empty dropped."""
+  value = {x: 0 for x in range(max_target)}
+  for y in labels:
+    if int(y) < max_target:
+      value[int(y)] += 1
+  centres, weights = np.array(list(value)), np.array(list(value.values()), np.float64)
+  if kernel is not None:
+    weights = ndimage.convolve1d(weights, kernel, mode="constant")
+  keep = weights > 0
+  return centres[keep], weights[keep] / weights[keep].sum()
+
+
+def test_balanced_mse_gai_against_numerical_integration():
+  rng = np.random.default_rng(3)
+  gmm = R.GMM(np.array([0.6, 0.3, 0.1], np.float32), np.array([10.0, 40.0, 75.0], np.float32),
+              np.array([30.0, 80.0, 20.0], np.float32))
+  p, t = rng.uniform(0, 90, 10).astype(np.float32), rng.uniform(0, 90, 10).astype(np.float32)
+  J = jax.jit(R.balanced_mse_gai)
+  log_norm = np_gmm_log_norm(gmm)
+  for v in (4.0, 25.0, 100.0):
+    want = np_balanced_nll(p, t, v, log_norm)
+    _close(J(p, t, v, gmm), want, rtol=1e-5, atol=2e-3)
+    _close(J(p[:, None], t[:, None], v, gmm), want, rtol=1e-5, atol=2e-3)
+  # Gradients: d/dyhat vs central differences of the float64 reference; d/dv with 2v held fixed.
+  v0, h = 25.0, 1e-3
+  f = lambda q, v: np_balanced_nll(q, t, v, log_norm).mean()  # noqa: E731
+  g = jax.grad(lambda q: jnp.mean(J(q, t, v0, gmm)))(jnp.asarray(p, jnp.float32))
+  fd = [(f(p + h * e, v0) - f(p - h * e, v0)) / (2 * h) for e in np.eye(len(p))]
+  _close(g, fd, rtol=2e-3, atol=2e-4)
+  fd_v = (f(p, v0 + h) / (2 * (v0 + h)) - f(p, v0 - h) / (2 * (v0 - h))) / (2 * h) * 2 * v0
+  _close(jax.grad(lambda v: jnp.mean(J(p, t, v, gmm)))(jnp.float32(v0)), fd_v, rtol=2e-3, atol=1e-4)
+  with pytest.raises(ValueError, match="one target per example"):
+    R.balanced_mse_gai(np.zeros((4, 2)), np.zeros((4, 2)), 1.0, gmm)
+
+
+def test_balanced_mse_bni_against_numpy_and_reference_buckets():
+  rng = np.random.default_rng(4)
+  labels = np.floor(rng.exponential(15.0, 400)).clip(0, 59)          # integer labels (ages-like)
+  counts = np.bincount(labels.astype(int), minlength=60)
+  edges = np.arange(61.0)
+  for kernel in (None, np.asarray(R.lds_kernel("gaussian", 5, 2.0), np.float64),
+                 np.asarray(R.lds_kernel("triang", 5), np.float64)):
+    c, w = R.bni_buckets(counts, edges, kernel)
+    rc, rw = np_bucket_info(labels, 60, kernel)
+    _close(c, rc + 0.5, rtol=0, atol=0)  # lt_jax centres = bin midpoints; the reference's = the integer label
+    _close(w, rw, rtol=1e-6, atol=1e-8)
+  c, w = R.bni_buckets(counts, edges)
+  p, t = rng.uniform(0, 60, 12).astype(np.float32), rng.uniform(0, 60, 12).astype(np.float32)
+  J = jax.jit(R.balanced_mse_bni)
+  cn, wn = np.asarray(c, np.float64), np.asarray(w, np.float64)
+  log_norm = lambda x, v: np.log(np.sum(wn * stats.norm.pdf(cn[None, :], x[:, None], np.sqrt(v)), axis=1))  # noqa: E731
+  for v in (1.0, 9.0, 64.0):
+    _close(J(p, t, v, c, w), np_balanced_nll(p, t, v, log_norm), rtol=1e-5, atol=1e-3)
+  v0, h = 9.0, 1e-3
+  f = lambda q: np_balanced_nll(q, t, v0, log_norm).mean()  # noqa: E731
+  g = jax.grad(lambda q: jnp.mean(J(q, t, v0, c, w)))(jnp.asarray(p))
+  _close(g, [(f(p + h * e) - f(p - h * e)) / (2 * h) for e in np.eye(len(p))], rtol=2e-3, atol=2e-4)
+  with pytest.raises(ValueError, match="len\\(edges\\) == len\\(counts\\) \\+ 1"):
+    R.bni_buckets(counts, edges[:-1])
+
+
+def test_fit_gmm_is_the_reference_sklearn_fit():
+  from sklearn.mixture import GaussianMixture
+  rng = np.random.default_rng(5)
+  y = np.concatenate([rng.normal(10, 3, 600), rng.normal(50, 6, 300), rng.normal(80, 2, 100)])
+  gmm = R.fit_gmm(y, 3)
+  ref = GaussianMixture(n_components=3, random_state=0).fit(y[:, None])
+  order = np.argsort(np.asarray(gmm.means))
+  _close(np.asarray(gmm.means)[order], [10, 50, 80], rtol=0.05, atol=0.5)
+  _close(np.asarray(gmm.weights)[order], [0.6, 0.3, 0.1], rtol=0, atol=0.02)
+  _close(gmm.weights, ref.weights_, rtol=1e-6, atol=1e-7)
+  _close(gmm.variances, ref.covariances_.reshape(-1), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="num_components"):
+    R.fit_gmm(y[:2], 3)

@@ -267,6 +267,10 @@ def test_ldam_drw_recipe_defers_to_the_first_decay(tmp_path):
     (lambda c: setattr(c.loss, "drw_epoch", 3.0), "needs loss.hparams.weights"),
     (lambda c: setattr(c.sampler, "defer_epochs", 99), "defer_epochs must be in"),
     (lambda c: (setattr(c, "stages", "crt"), setattr(c.stage.crt, "sampler", "x")), "stage.crt.sampler"),
+    (lambda c: (setattr(c, "stages", "posterior_recal"), setattr(c.dataset, "val_per_class", 5),
+                setattr(c.stage.posterior_recal, "betas", ())), "posterior_recal.betas must be a non-empty"),
+    (lambda c: (setattr(c, "stages", "posterior_recal"), setattr(c.dataset, "val_per_class", 5),
+                setattr(c.stage.posterior_recal, "target_prior", (1.0, -1.0))), "target_prior must be"),
 ])
 def test_stage_config_errors(mutate, message):
   c = fashion_mnist_lt.get_config()
@@ -293,3 +297,24 @@ def test_bags_stage_trains_a_group_softmax_head(staged, tmp_path):
       np.testing.assert_array_equal(joint[k], bags[k], err_msg=k)
   s = res["stages"]["bags"]
   assert 0 <= s["balanced_error_rate"] <= 1 and np.isfinite(s["nll"])
+
+
+def test_posterior_recal_stage_is_posthoc_with_beta_and_target_prior(staged, tmp_path):
+  """Posterior re-calibration (Tian et al. 2020) on a finished run = the post-hoc LA stage with
+  tau = beta; a target prior equal to the training prior leaves the joint model unchanged."""
+  c, workdir, out = staged
+  d = tiny_config(stages="posterior_recal", init_from=workdir)
+  d.dataset.val_per_class = 4
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    recal = trainer.train_and_evaluate(d, str(tmp_path / "recal"))["stages"]["posterior_recal"]
+    counts = np.asarray(trainer.load_dataset(d).counts)
+    d.stage.posterior_recal.target_prior = tuple(float(n) for n in counts)
+    same = trainer.train_and_evaluate(d, str(tmp_path / "same"))["stages"]["posterior_recal"]
+  posthoc = out["stages"]["posthoc"]
+  assert recal["beta"] == recal["tau"] == posthoc["tau"]
+  for key in ("balanced_error_rate", "accuracy", "macro_f1", "nll"):
+    assert recal[key] == pytest.approx(posthoc[key], abs=1e-7), key
+  sweep = json.load(open(tmp_path / "same" / "stages" / "posterior_recal" / "sweep.json"))
+  assert sweep["selected_beta"] == 0.0  # every beta scores the same: ties go to the smallest
+  assert same["balanced_error_rate"] == pytest.approx(out["balanced_error_rate"], abs=1e-6)
+  assert np.ptp(sweep["test"]["balanced_error_rate"]) <= 1e-6

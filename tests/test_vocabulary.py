@@ -81,7 +81,10 @@ def test_models_heads_datasets_evaluators_and_dir_names_agree():
   for name in cfg.DIR_LOSSES:  # every DIR loss name builds a loss function
     d.loss.name = name
     cfg.validate_regression(d)
-    fn = regression_trainer.make_loss(d.loss)
+    y = np.linspace(0.0, 89.0, 50)  # GAI / BNI integrate over the training labels' density
+    edges = np.arange(91.0)
+    prior = regression_trainer.label_prior(d, y, np.histogram(y, edges)[0], edges)
+    fn = regression_trainer.make_loss(d.loss, prior)
     assert fn(jnp.zeros((4,)), jnp.arange(4.0), {}).shape == (4,)
   for method in cfg.DIR_METHODS:
     fashion_mnist_dir.get_config(f"method={method}")

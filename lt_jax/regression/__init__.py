@@ -19,7 +19,9 @@ Pieces (all pure ``jax.numpy`` functions unless marked host-side; jit/vmap/grad-
   sharded batch across devices), the once-per-epoch :func:`fds_update`, the bin smoother
   :func:`fds_smooth` and the training-time recalibration :func:`fds_calibrate`.
 * **Losses**, per example ``(B,)`` float32: :func:`mse`, :func:`l1`, :func:`huber`,
-  :func:`focal_r`, :func:`balanced_mse`; :func:`weighted` is the reference's LDS reduction.
+  :func:`focal_r`, :func:`balanced_mse` (BMC) and its GAI / BNI forms :func:`balanced_mse_gai` /
+  :func:`balanced_mse_bni` (label density from :func:`fit_gmm` / :func:`bni_buckets`, host-side, once);
+  :func:`weighted` is the reference's LDS reduction.
 * **Metrics** from per-bin sums: :func:`regression_sums` and :func:`regression_summary`
   (MAE / MSE / geometric mean, overall and many / medium / few-shot by *training* counts).
 
@@ -48,12 +50,14 @@ from lt_jax.regression.lds import (
 from lt_jax.regression.fds import (
     FDSState, FDSSums, fds_init, fds_batch_stats, fds_smooth, fds_update, fds_calibrate)
 from lt_jax.regression.losses import (
-    FOCAL_KINDS, FOCAL_ACTIVATIONS, mse, l1, huber, focal_r, balanced_mse, weighted)
+    FOCAL_KINDS, FOCAL_ACTIVATIONS, mse, l1, huber, focal_r, balanced_mse, weighted, GMM, fit_gmm, bni_buckets,
+    balanced_mse_gai, balanced_mse_bni)
 from lt_jax.regression.metrics import REGRESSION_KEYS, RegressionSums, regression_sums, regression_summary
 
 __all__ = [
     "KERNELS", "REWEIGHTS", "REGRESSION_KEYS", "make_bins", "bin_index", "label_histogram",
     "lds_kernel", "smooth_density", "lds_bin_weights", "lds_weights", "FDSState", "FDSSums", "fds_init",
     "fds_batch_stats", "fds_smooth", "fds_update", "fds_calibrate", "mse", "l1", "huber", "focal_r",
-    "balanced_mse", "weighted", "RegressionSums", "regression_sums", "regression_summary"
+    "balanced_mse", "weighted", "GMM", "fit_gmm", "bni_buckets", "balanced_mse_gai", "balanced_mse_bni",
+    "RegressionSums", "regression_sums", "regression_summary"
 ]

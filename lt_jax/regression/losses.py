@@ -1,9 +1,13 @@
-"""Per-example DIR losses: MSE, L1, Huber, Focal-R (Yang et al. 2021), Balanced MSE (Ren et al., CVPR 2022)."""
+"""Per-example DIR losses: MSE, L1, Huber, Focal-R (Yang et al. 2021), Balanced MSE (Ren et al., CVPR 2022:
+batch Monte-Carlo BMC, GMM-based GAI, bin-based BNI)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from lt_jax import metrics
 from lt_jax.regression._common import Array, _concrete, _f32, _safe_div
 
@@ -128,3 +132,113 @@ def weighted(per_example: Array, weights: Array, mask: Array | None = None) -> A
   m = metrics.as_mask(mask, x.shape[0]).astype(jnp.float32)
   num = jnp.sum(jnp.where(m > 0, w * x, 0.0))
   return _safe_div(num, jnp.sum(m))
+
+
+# ------------------------------------------------------------------ Balanced MSE: GAI and BNI
+
+class GMM(NamedTuple):
+  """A 1-D Gaussian mixture of the training label distribution, ``p(y) = sum_k phi_k N(y; mu_k, v_k)``."""
+  weights: Array    # (K,) phi_k, sum 1
+  means: Array      # (K,) mu_k
+  variances: Array  # (K,) v_k
+
+
+def fit_gmm(targets, num_components: int = 8, seed: int = 0) -> GMM:
+  """The GMM of Balanced MSE's GAI, fitted once, offline, on the training targets (host-side).
+
+  Ren et al., "Balanced MSE for Imbalanced Visual Regression", CVPR 2022: the reference's
+  ``preprocess_gmm.py`` fits ``sklearn.mixture.GaussianMixture(n_components=K, random_state=0)``
+  (defaults: full covariance, k-means initialisation, EM to ``tol=1e-3``) to all training labels
+  before training and stores ``weights_``, ``means_`` and ``covariances_``; lt_jax does the same
+  (scikit-learn, float64; ``K = 8`` and ``seed = 0`` are the reference's defaults) and returns
+  float32 arrays. ``targets`` are in the units the loss sees (lt_jax: target units).
+  """
+  from sklearn.mixture import GaussianMixture  # host-side, once per run (the reference's fit)
+  y = np.asarray(targets, np.float64).reshape(-1, 1)
+  k = int(num_components)
+  if k < 1 or y.shape[0] < k:
+    raise ValueError(f"fit_gmm: need 1 <= num_components <= number of targets, got {k} and {y.shape[0]}")
+  g = GaussianMixture(n_components=k, random_state=int(seed)).fit(y)
+  return GMM(jnp.asarray(g.weights_.reshape(-1), jnp.float32), jnp.asarray(g.means_.reshape(-1), jnp.float32),
+             jnp.asarray(g.covariances_.reshape(-1), jnp.float32))
+
+
+def bni_buckets(counts, edges, kernel=None) -> tuple[Array, Array]:
+  """``(centres, weights)`` of the training label histogram for Balanced MSE's BNI (host-side).
+
+  Ren et al., CVPR 2022, reference ``get_bucket_info``: one bucket per label value with its
+  training count, optionally smoothed with the LDS window (``convolve1d(..., mode='constant')``),
+  buckets of weight 0 dropped, weights normalised to sum 1. lt_jax's buckets are its target bins
+  (``edges``, :func:`~lt_jax.regression.make_bins`) with the bin *midpoints* as centres: the
+  reference's buckets are integer ages whose value is both the label and the centre; for float
+  targets uniform in a bin the midpoint is the bucket's mean. ``kernel``: ``None`` or a 1-D
+  odd-length window (e.g. :func:`~lt_jax.regression.lds_kernel`), applied to the counts as the
+  reference's ``lds=True`` path. Returns float32 ``(M,)`` arrays, ``M`` = number of non-empty buckets.
+  """
+  n = np.asarray(counts, np.float64).reshape(-1)
+  e = np.asarray(edges, np.float64).reshape(-1)
+  if e.shape[0] != n.shape[0] + 1:
+    raise ValueError(f"bni_buckets: need len(edges) == len(counts) + 1, got {e.shape[0]} and {n.shape[0]}")
+  if kernel is not None:
+    k = np.asarray(kernel, np.float64)
+    if k.ndim != 1 or k.shape[0] % 2 == 0:
+      raise ValueError(f"bni_buckets: kernel must be a 1-D window of odd length, got shape {k.shape}")
+    h = (k.shape[0] - 1) // 2
+    n = np.convolve(np.pad(n, (h, h)), k, mode="valid")  # = scipy.ndimage.convolve1d(n, k, mode="constant")
+  keep = n > 0
+  if not keep.any():
+    raise ValueError("bni_buckets: the training histogram is empty")
+  centres = (e[:-1] + e[1:]) / 2
+  return jnp.asarray(centres[keep], jnp.float32), jnp.asarray(n[keep] / n[keep].sum(), jnp.float32)
+
+
+def _pair_1d(pred, target) -> tuple[Array, Array]:
+  p, t = _pair(pred, target)
+  if p.ndim > 1 and int(np.prod(p.shape[1:])) != 1:
+    raise ValueError(f"GAI / BNI take one target per example ((B,) or (B, 1)), got shape {p.shape}")
+  return p.reshape(-1), t.reshape(-1)
+
+
+def balanced_mse_gai(pred: Array, target: Array, noise_var: Array | float, gmm: GMM) -> Array:
+  """Balanced MSE, GMM-based analytic integration (GAI) (Ren et al., CVPR 2022), per example ``(B,)``.
+
+  With the training label density a GMM ``p(y) = sum_k phi_k N(y; mu_k, v_k)`` (:func:`fit_gmm`) and
+  Gaussian noise ``sigma^2`` the balanced likelihood's normaliser integrates in closed form,
+  ``int N(y; yhat, sigma^2) p(y) dy = sum_k phi_k N(yhat; mu_k, v_k + sigma^2)``, so (up to constants)::
+
+      L_i = [ (yhat_i - y_i)^2 / (2 sigma^2) + log(sigma^2) / 2
+              + logsumexp_k( log phi_k - log(v_k + sigma^2) / 2 - (yhat_i - mu_k)^2 / (2 (v_k + sigma^2)) ) ]
+            * stopgrad(2 sigma^2)
+
+  the reference's 1-D ``gai_loss`` term by term (its batch mean is the reference loss). ``noise_var``
+  is ``sigma^2``, fixed or learnable (``params['noise_sigma'] ** 2``, as :func:`balanced_mse`).
+  ``(B,)`` or ``(B, 1)`` predictions and targets.
+  """
+  p, t = _pair_1d(pred, target)
+  v = _f32(noise_var)
+  phi, mu, var = (_f32(a).reshape(-1) for a in gmm)
+  mse_term = (p - t) ** 2 / (2.0 * v) + 0.5 * jnp.log(v)
+  s = var[None, :] + v
+  comp = jnp.log(phi)[None, :] - 0.5 * jnp.log(s) - (p[:, None] - mu[None, :]) ** 2 / (2.0 * s)
+  return (mse_term + jax.nn.logsumexp(comp, axis=1)) * jax.lax.stop_gradient(2.0 * v)
+
+
+def balanced_mse_bni(pred: Array, target: Array, noise_var: Array | float, centres: Array,
+                     weights: Array) -> Array:
+  """Balanced MSE, bin-based numerical integration (BNI) (Ren et al., CVPR 2022), per example ``(B,)``.
+
+  The normaliser ``int N(y; yhat, sigma^2) p(y) dy`` as a sum over the training histogram's buckets
+  ``(c_b, w_b)`` (:func:`bni_buckets`, ``sum_b w_b = 1``)::
+
+      L_i = [ (yhat_i - y_i)^2 / (2 sigma^2) + logsumexp_b( log w_b - (yhat_i - c_b)^2 / (2 sigma^2) ) ]
+            * stopgrad(2 sigma^2)
+
+  the reference's ``bni_loss`` (the ``log(sigma^2) / 2`` of the likelihood and of every bucket's
+  Gaussian cancel, so neither appears). ``noise_var`` fixed or learnable, as :func:`balanced_mse`.
+  """
+  p, t = _pair_1d(pred, target)
+  v = _f32(noise_var)
+  c, w = _f32(centres).reshape(-1), _f32(weights).reshape(-1)
+  mse_term = (p - t) ** 2 / (2.0 * v)
+  comp = jnp.log(w)[None, :] - (p[:, None] - c[None, :]) ** 2 / (2.0 * v)
+  return (mse_term + jax.nn.logsumexp(comp, axis=1)) * jax.lax.stop_gradient(2.0 * v)

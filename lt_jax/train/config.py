@@ -36,7 +36,8 @@ MIXES = ("none", "mixup", "cutmix", "remix")
 TRAIN_STAGES = ("crt", "lws", "bags", "wb", "smote_crt", "meta_sampler", "finetune")
 # training stages on cached frozen features (= lt_jax.train.feature_stages), in-memory datasets only
 FEATURE_STAGES = ("smote_crt", "meta_sampler")
-EVAL_STAGES = ("tau_norm", "posthoc", "ncm")  # stages that derive a classifier without training
+EVAL_STAGES = ("tau_norm", "posthoc", "ncm",  # stages that derive a classifier without training
+               "posterior_recal")
 STAGES = TRAIN_STAGES + EVAL_STAGES
 BBN_MODELS = ("cnn", "resnet20", "resnet32", "resnet44", "resnet56")
 # Contrastive joint-stage methods (lt_jax.train.contrastive.METHODS; "none": the classification step).
@@ -82,6 +83,16 @@ def base_config() -> ml_collections.ConfigDict:
   # from the previous training stage (the joint model first); tau_norm / posthoc / ncm
   # evaluate the current model. `init_from`: workdir of a finished run whose final model
   # replaces the joint stage (same dataset and model config required).
+  # Meta-Weight-Net (Shu et al., NeurIPS 2019) in the joint stage: a VNet (1 -> hidden -> 1, sigmoid)
+  # maps each example's loss to its weight, meta-learnt on the balanced meta set, which is the
+  # validation split carved from the training data (dataset.val_per_class; the reference: 10 per
+  # class). meta_batch_size 0: batch_size (at most the meta set). optim: the VNet's optimiser, the
+  # reference's SGD 1e-5, momentum 0.9, Nesterov, wd 5e-4, constant.
+  c.meta_weight = ml_collections.ConfigDict(dict(
+      enabled=False, hidden=100, meta_batch_size=0,
+      optim=ml_collections.ConfigDict(dict(name="sgd", lr=1e-5, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                                           schedule="constant", warmup_epochs=0.0, decay_epochs=(),
+                                           decay_factor=0.1))))
   c.stages = ""
   c.init_from = ""
   c.stage = ml_collections.ConfigDict()
@@ -134,6 +145,10 @@ def base_config() -> ml_collections.ConfigDict:
       method="none", temperature=0.07, base_temperature=0.07, proj_dim=128, proj_hidden=0, proj_bn=False,
       alpha=1.0, beta=0.35, gamma=1.0, supt=1.0, momentum=0.999, queue_size=1024,
       aug=ml_collections.ConfigDict(dict(scale_min=0.2, jitter=0.4, jitter_prob=0.8, grayscale_prob=0.2))))
+  # Posterior re-calibration (Tian et al., NeurIPS 2020) = post-hoc LA with tau = beta; target_prior:
+  # () = balanced, else the target's C counts or prior.
+  c.stage.posterior_recal = ml_collections.ConfigDict(dict(betas=grid, select="balanced_error_rate",
+                                                           target_prior=()))
   # Evaluators as data (lt_jax.train.evaluators.EVALUATORS): run every eval_every_epochs during
   # training (or their own every_epochs / every_steps) and at the end of every training stage.
   # The first one's result is the stage's summary.json.
@@ -241,6 +256,9 @@ def apply_common_variants(c: ml_collections.ConfigDict, variant: dict, allowed: 
     add_test_agnostic(c)
   if variant.get("smoke") and "test_agnostic" in c.evals:  # a smoke run takes seconds: one small table
     c.evals.test_agnostic.update(dict(imbalances=(10,), epochs=1, max_per_class=20))
+  if "mwnet" in variant:  # Meta-Weight-Net; its meta set is the validation split (reference: 10 per class)
+    c.meta_weight.enabled = True
+    c.dataset.val_per_class = c.dataset.val_per_class or 10
   return c
 
 
@@ -254,7 +272,7 @@ def variant_number(variant: dict, key: str, kind=float):
 
 
 COMMON_VARIANTS = ("ir", "loss", "sampler", "head", "seed", "mix", "bbn", "stages", "epochs", "test_agnostic",
-                   "contrastive", "wb", "seeds", "losses", "samplers")
+                   "contrastive", "wb", "mwnet", "seeds", "losses", "samplers")
 
 
 def set_epochs(c: ml_collections.ConfigDict, num_epochs: float) -> None:
@@ -523,6 +541,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
       raise ConfigError(f"model.bbn needs one of {', '.join(BBN_MODELS)}, got {c.model.name!r}")
     if c.mix.name != "none":
       raise ConfigError("model.bbn and mix cannot be combined (BBN mixes features of two samplers)")
+  validate_meta_weight(c)
   validate_stages(c)
   validate_evals(c)
   validate_experts(c)
@@ -566,6 +585,27 @@ def validate_experts(c: ml_collections.ConfigDict) -> None:
     if entry.get("aggregate", False) and not expert_model:
       raise ConfigError(f"evals.{name}.aggregate (SADE's test-time aggregation) needs a multi-expert model "
                         f"({', '.join(EXPERT_MODELS)})")
+
+
+def validate_meta_weight(c: ml_collections.ConfigDict) -> None:
+  """Meta-Weight-Net needs the in-memory dataset, a meta set (``dataset.val_per_class``) and plain batches."""
+  m = c.meta_weight
+  if not m.enabled:
+    return
+  if c.dataset.get("source", "memory") != "memory":
+    raise ConfigError("meta_weight (Meta-Weight-Net) needs an in-memory dataset: its meta set is the "
+                      "validation split carved from the training data")
+  if c.dataset.val_per_class < 1:
+    raise ConfigError("meta_weight (Meta-Weight-Net) learns on a balanced meta set, the validation split: set "
+                      "dataset.val_per_class, e.g. 10 (the reference's num_meta)")
+  if c.mix.name != "none" or c.model.bbn:
+    raise ConfigError("meta_weight (Meta-Weight-Net) weights each example's own loss: it cannot be combined "
+                      "with mix or model.bbn")
+  if not isinstance(m.hidden, int) or m.hidden < 1:
+    raise ConfigError(f"meta_weight.hidden must be an int >= 1, got {m.hidden!r}")
+  if not isinstance(m.meta_batch_size, int) or m.meta_batch_size < 0:
+    raise ConfigError(f"meta_weight.meta_batch_size must be an int >= 0 (0: batch_size), got {m.meta_batch_size!r}")
+  validate_optim(m.optim, c.num_epochs, "meta_weight.optim")
 
 
 def validate_evals(c: ml_collections.ConfigDict) -> None:
@@ -617,11 +657,16 @@ def validate_stages(c: ml_collections.ConfigDict) -> None:
   validate_new_stages(c, names)
   if "lws" in names and "crt" in names and names.index("lws") < names.index("crt"):
     raise ConfigError("lws before crt: cRT re-initialises the classifier LWS learnt scales for")
-  for name in ("tau_norm", "posthoc"):
+  for name in ("tau_norm", "posthoc", "posterior_recal"):
     if name in names:
       s = c.stage[name]
-      if not len(s.taus) or min(s.taus) < 0:
-        raise ConfigError(f"stage.{name}.taus must be a non-empty grid of values >= 0")
+      grid_key = "betas" if name == "posterior_recal" else "taus"
+      if not len(s[grid_key]) or min(s[grid_key]) < 0:
+        raise ConfigError(f"stage.{name}.{grid_key} must be a non-empty grid of values >= 0")
+      if name == "posterior_recal" and len(s.target_prior) and (
+          min(s.target_prior) < 0 or not sum(s.target_prior) > 0):
+        raise ConfigError("stage.posterior_recal.target_prior must be () (balanced) or C counts / "
+                          f"probabilities >= 0 with a positive sum, got {tuple(s.target_prior)}")
       from lt_jax import decoupled  # the selection keys live with the selection function
       _choice(s.select, tuple(decoupled.SELECTION_KEYS), f"stage.{name}.select")
       if c.dataset.val_per_class < 1:
@@ -662,8 +707,9 @@ def validate_new_stages(c: ml_collections.ConfigDict, names: list[str]) -> None:
 # ============================================================================ deep imbalanced regression
 
 DIR_DATASETS = ("rotated_fashion_mnist", "csv")
-DIR_LOSSES = ("mse", "l1", "huber", "focal_r", "balanced_mse")
-DIR_METHODS = ("vanilla", "sqinv", "lds", "fds", "lds_fds", "balanced_mse")
+DIR_LOSSES = ("mse", "l1", "huber", "focal_r", "balanced_mse", "balanced_mse_gai", "balanced_mse_bni")
+DIR_METHODS = ("vanilla", "sqinv", "lds", "fds", "lds_fds", "balanced_mse", "balanced_mse_gai", "balanced_mse_bni")
+BALANCED_MSE = ("balanced_mse", "balanced_mse_gai", "balanced_mse_bni")  # BMC, GAI, BNI (Ren et al. 2022)
 
 
 def regression_config() -> ml_collections.ConfigDict:
@@ -685,6 +731,10 @@ def regression_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
       name="mse", huber_beta=1.0, focal_kind="l1", focal_beta=0.2, focal_gamma=1.0,
       focal_activation="sigmoid", noise_sigma=8.0, learn_noise=True, sigma_lr=0.05))
+  # Balanced MSE GAI: components of the GMM fitted to the training targets (the reference's K);
+  # BNI: smooth the bucket histogram with the LDS window (lds.kernel / ks / sigma), the reference's --lds.
+  c.loss.gmm_components = 8
+  c.loss.bni_smooth = False
   c.lds = ml_collections.ConfigDict(dict(reweight="none", enabled=False, kernel="gaussian", ks=5, sigma=2.0,
                                          clip=(5.0, 1000.0), truncate=False))  # True: reference int64 density
   c.fds = ml_collections.ConfigDict(dict(enabled=False, kernel="gaussian", ks=5, sigma=2.0, momentum=0.9,
@@ -699,14 +749,15 @@ def regression_config() -> ml_collections.ConfigDict:
 
 
 def set_dir_method(c: ml_collections.ConfigDict, method: str) -> None:
-  """``vanilla`` (plain loss), ``sqinv`` (sqrt-inverse weights), ``lds``, ``fds``, ``lds_fds``, ``balanced_mse``."""
+  """``vanilla`` (plain loss), ``sqinv`` (sqrt-inverse weights), ``lds``, ``fds``, ``lds_fds``, ``balanced_mse``
+  (BMC), ``balanced_mse_gai``, ``balanced_mse_bni`` (the Balanced MSE loss of that name, no re-weighting)."""
   if method not in DIR_METHODS:
     raise ConfigError(f"unknown DIR method {method!r}; valid methods: {', '.join(DIR_METHODS)}")
   c.lds.reweight = "sqrt_inv" if method in ("sqinv", "lds", "lds_fds") else "none"
   c.lds.enabled = method in ("lds", "lds_fds")
   c.fds.enabled = method in ("fds", "lds_fds")
-  if method == "balanced_mse":
-    c.loss.name = "balanced_mse"
+  if method in BALANCED_MSE:
+    c.loss.name = method
 
 
 def _positive(values: dict) -> None:
@@ -768,6 +819,8 @@ def validate_regression(c: ml_collections.ConfigDict, num_devices: int = 1) -> N
     raise ConfigError(f"fds.clip must be (lo, hi) with 0 < lo <= hi, got {tuple(c.fds.clip)}")
   if not c.bins.many >= c.bins.few >= 0:
     raise ConfigError(f"bins.many must be >= bins.few >= 0, got {c.bins.many}, {c.bins.few}")
+  if not isinstance(c.loss.gmm_components, int) or c.loss.gmm_components < 1:
+    raise ConfigError(f"loss.gmm_components must be an int >= 1, got {c.loss.gmm_components!r}")
   if c.loss.name == "balanced_mse" and c.batch_size < 2:
     raise ConfigError("balanced_mse contrasts each prediction with the batch's other targets: batch_size >= 2")
 

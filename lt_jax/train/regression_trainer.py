@@ -127,8 +127,28 @@ def predict(params, feats, spec: Spec) -> jax.Array:
   return spec.center + spec.scale * out
 
 
-def make_loss(lc: ml_collections.ConfigDict) -> Callable[[jax.Array, jax.Array, dict], jax.Array]:
-  """``per_example(pred, target, params) -> (B,)`` for ``lc.name`` in :data:`DIR_LOSSES`."""
+def label_prior(config: ml_collections.ConfigDict, train_targets, counts, edges):
+  """What Balanced MSE's GAI / BNI integrate over, from the training targets, once (host-side).
+
+  GAI: :func:`~lt_jax.regression.fit_gmm` (``loss.gmm_components`` components, seed 0 as the
+  reference's ``random_state=0``); BNI: :func:`~lt_jax.regression.bni_buckets` of the per-bin
+  training counts (smoothed with the LDS window when ``loss.bni_smooth``); ``None`` otherwise.
+  """
+  lc = config.loss
+  if lc.name == "balanced_mse_gai":
+    return regression.fit_gmm(train_targets, lc.gmm_components, seed=0)
+  if lc.name == "balanced_mse_bni":
+    l = config.lds
+    kernel = np.asarray(regression.lds_kernel(l.kernel, l.ks, l.sigma)) if lc.bni_smooth else None
+    return regression.bni_buckets(counts, edges, kernel)
+  return None
+
+
+def make_loss(lc: ml_collections.ConfigDict, prior=None) -> Callable[[jax.Array, jax.Array, dict], jax.Array]:
+  """``per_example(pred, target, params) -> (B,)`` for ``lc.name`` in :data:`DIR_LOSSES`.
+
+  ``prior``: :func:`label_prior` of the run (needed by ``balanced_mse_gai`` / ``balanced_mse_bni``).
+  """
   if lc.name == "mse":
     return lambda p, t, params: regression.mse(p, t)
   if lc.name == "l1":
@@ -139,7 +159,15 @@ def make_loss(lc: ml_collections.ConfigDict) -> Callable[[jax.Array, jax.Array, 
     return lambda p, t, params: regression.focal_r(p, t, lc.focal_kind, lc.focal_beta, lc.focal_gamma,
                                                    lc.focal_activation)
   fixed = float(lc.noise_sigma)
-  return lambda p, t, params: regression.balanced_mse(p, t, params.get("noise_sigma", fixed) ** 2)
+  var = lambda params: params.get("noise_sigma", fixed) ** 2  # noqa: E731
+  if lc.name in ("balanced_mse_gai", "balanced_mse_bni") and prior is None:
+    raise ValueError(f"loss {lc.name!r} integrates over the training label density: pass "
+                     "prior=label_prior(config, train_targets, counts, edges)")
+  if lc.name == "balanced_mse_gai":
+    return lambda p, t, params: regression.balanced_mse_gai(p, t, var(params), prior)
+  if lc.name == "balanced_mse_bni":
+    return lambda p, t, params: regression.balanced_mse_bni(p, t, var(params), *prior)
+  return lambda p, t, params: regression.balanced_mse(p, t, var(params))
 
 
 def make_optimizer(config, schedule) -> optax.GradientTransformation:
@@ -156,7 +184,7 @@ def make_optimizer(config, schedule) -> optax.GradientTransformation:
 
 
 def learns_noise(config) -> bool:
-  return config.loss.name == "balanced_mse" and bool(config.loss.learn_noise)
+  return config.loss.name in config_lib.BALANCED_MSE and bool(config.loss.learn_noise)
 
 
 def create_state(model, tx, config, num_bins: int, input_shape, mesh) -> RegressionState:
@@ -308,7 +336,8 @@ def _train_and_evaluate_regression(config, workdir: str, mesh, env) -> dict[str,
   sc = steps.StepConfig(batch_size=config.batch_size, steps_per_epoch=spe, num_epochs=config.num_epochs,
                         sampler="instance", k_per_class=1, crop_pad=config.augment.crop_pad, flip=False,
                         mean=spec.mean, std=spec.std)
-  update = make_train_step(model, tx, make_loss(config.loss), schedule, spec, sc, bin_weights, mesh)
+  prior = label_prior(config, ds.train_targets, counts, np.asarray(spec.edges))
+  update = make_train_step(model, tx, make_loss(config.loss, prior), schedule, spec, sc, bin_weights, mesh)
 
   hooks = []
   fc = config.fds

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -236,3 +237,87 @@ def train_step_fn(model, tx: optax.GradientTransformation, loss: losses_lib.Loss
     return update(state, jax.random.wrap_key_data(state.rng), images, labels)
 
   return host_step if host_batches else train_step
+
+
+# ============================================================================ Meta-Weight-Net
+
+
+@flax.struct.dataclass
+class MetaWeightState(TrainState):
+  """:class:`~lt_jax.train.state.TrainState` plus the weighting net of Meta-Weight-Net
+  (:mod:`lt_jax.meta_weight`): its parameters and its optimiser's state, checkpointed with the rest."""
+  vnet_params: Any
+  vnet_opt_state: Any
+
+
+class MetaData(NamedTuple):
+  """The balanced meta set on device (replicated): uint8 images and int32 labels."""
+  images: jax.Array
+  labels: jax.Array
+
+
+def meta_batch(key: jax.Array, step: jax.Array, meta: MetaData, size: int) -> jax.Array:
+  """Indices of the step's meta batch: the first ``size`` of a fresh permutation of the meta set.
+
+  The reference draws ``next(iter(validation_loader))`` every step, i.e. the first batch of a
+  newly shuffled loader: ``size`` meta examples without replacement (all of them when the meta
+  set is no larger than the batch).
+  """
+  return jax.random.permutation(jax.random.fold_in(key, step), meta.labels.shape[0])[:size]
+
+
+def make_meta_weight_step(model, tx: optax.GradientTransformation, vnet_tx: optax.GradientTransformation,
+                          loss: losses_lib.Loss, schedule: optax.Schedule, counts: jax.Array, sc: StepConfig,
+                          mesh: Mesh, meta_batch_size: int) -> Callable[..., tuple[MetaWeightState, dict]]:
+  """``step(state, data, meta) -> (state, metrics)``: one Meta-Weight-Net step, jitted, state donated.
+
+  Shu et al., NeurIPS 2019 (:func:`lt_jax.meta_weight.meta_weight_grads`): the training batch is
+  drawn and augmented exactly as :func:`make_train_step` draws it (same keys), the per-example
+  loss is the configured registry loss (the reference: CE), the meta loss is CE on
+  ``meta_batch_size`` augmented examples of the meta set (the reference applies its training
+  transform to the meta set too), every forward pass in train mode as the reference's
+  ``model.train()`` (BatchNorm statistics of the batch; the running averages are updated by the
+  training batch only). The virtual step uses ``schedule(step)``, the lr of the real step.
+  Metrics: ``loss`` (``Σ w ℓ``, the reference's ``l_f``), ``meta_loss``, ``weight_cv`` (std / mean
+  of the step's weights: 0 when the weights are all equal), ``accuracy``, ``lr``, ``grad_norm``.
+  """
+  from lt_jax import meta_weight  # the algorithm; this is its wiring into the train step
+  sharding = batch_sharded(mesh)
+
+  def step(state: MetaWeightState, data: TrainData, meta: MetaData):
+    key = jax.random.wrap_key_data(state.rng)
+    sample_key, aug_key = jax.random.split(jax.random.fold_in(key, 0))
+    images, labels = _gather(data, batch_indices(sample_key, state.step, data, counts, sc), sharding)
+    x = augment.normalize(augment.random_crop_flip(jax.random.fold_in(aug_key, state.step), images,
+                                                   pad=sc.crop_pad, flip=sc.flip), sc.mean, sc.std)
+    idx = meta_batch(jax.random.fold_in(key, 4), state.step, meta, meta_batch_size)
+    m_images, m_labels = _gather(TrainData(meta.images, meta.labels, None), idx, sharding)
+    xm = augment.normalize(augment.random_crop_flip(jax.random.fold_in(jax.random.fold_in(key, 5), state.step),
+                                                    m_images, pad=sc.crop_pad, flip=sc.flip), sc.mean, sc.std)
+
+    def per_example_fn(params):
+      variables = {"params": params, "batch_stats": state.batch_stats}
+      (logits, _), new_vars = model.apply(variables, x, train=True, mutable=["batch_stats"])
+      per_example, loss_state = loss.apply(logits, labels, counts, state.loss_state)
+      return per_example, (new_vars, loss_state, logits)
+
+    def meta_loss_fn(params):
+      (logits, _), _ = model.apply({"params": params, "batch_stats": state.batch_stats}, xm, train=True,
+                                   mutable=["batch_stats"])
+      return jnp.mean(losses_lib.softmax_cross_entropy(logits, m_labels))
+
+    lr = schedule(state.step)
+    out = meta_weight.meta_weight_grads(per_example_fn, meta_loss_fn, state.params, state.vnet_params,
+                                        state.vnet_opt_state, vnet_tx, lr)
+    new_vars, loss_state, logits = out.aux
+    updates, opt_state = tx.update(out.grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              batch_stats=new_vars["batch_stats"], opt_state=opt_state, loss_state=loss_state,
+                              vnet_params=out.vnet_params, vnet_opt_state=out.vnet_opt_state)
+    w = out.weights
+    metrics = {"loss": jnp.sum(w * out.per_example), "meta_loss": out.meta_loss,
+               "weight_cv": jnp.std(w) / jnp.mean(w), "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+               "lr": lr, "grad_norm": optax.tree_utils.tree_norm(out.grads)}
+    return new_state, metrics
+
+  return jax.jit(step, donate_argnums=(0,), compiler_options=cpu_compiler_options())

@@ -132,6 +132,7 @@ class StageSpec(NamedTuple):
   # (ctx, spec, tx, schedule, grad_mask, variables) -> (update, input): a stage with its own update
   # function and input (the cached-feature stages); None: the image train step and train_input
   build: Callable | None = None
+  meta_weight: bool = False  # Meta-Weight-Net update (config.meta_weight; joint stage only)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -280,7 +281,8 @@ def joint_spec(ctx: Context, workdir: str) -> StageSpec:
     from lt_jax.train import contrastive
     cs = contrastive.settings(c)
   return StageSpec("joint", workdir, build_model(c, ctx.data.num_classes), make_loss(c, ctx.steps_per_epoch),
-                   c.optim, c.num_epochs, sc, "all", c.to_dict(), contrastive=cs)
+                   c.optim, c.num_epochs, sc, "all", c.to_dict(), contrastive=cs,
+                   meta_weight=bool(c.meta_weight.enabled))
 
 
 def stage_spec(ctx: Context, name: str, workdir: str) -> StageSpec:
@@ -372,7 +374,9 @@ def fit(ctx: Context, spec: StageSpec, variables: Variables | None):
     grad_mask = jax.tree.map(lambda l: l == "trainable", labels)
   state = create_state(spec.model, tx, spec.loss, ctx.data.num_classes, ctx.data.image_shape, config.seed, mesh,
                        variables)
-  if spec.build is not None:
+  if spec.meta_weight:  # Meta-Weight-Net: the VNet joins the state, the update also reads the meta set
+    state, update = meta_weight_update(ctx, spec, state, tx, schedule)
+  elif spec.build is not None:
     update, stage_input = spec.build(ctx, spec, tx, schedule, grad_mask, variables)
   elif spec.contrastive is not None:  # a contrastive method's update (multi-view input, its own state)
     from lt_jax.train import contrastive
@@ -410,6 +414,37 @@ def fit(ctx: Context, spec: StageSpec, variables: Variables | None):
   finally:
     writer.close()
   return state, step, evs
+
+
+def meta_weight_update(ctx: Context, spec: StageSpec, state, tx, schedule):
+  """``(MetaWeightState, update(state, data))`` of a Meta-Weight-Net stage (Shu et al., NeurIPS 2019).
+
+  The meta set is the validation split (``dataset.val_per_class`` per class, carved from the
+  training pool before the long-tailed subset, as the reference's ``build_dataset`` carves
+  ``num_meta`` per class): balanced, never trained on directly, and the same training counts as
+  every other run with that split. The VNet is initialised from its own key
+  (``fold_in(key(seed), 2000)``) and optimised by ``config.meta_weight.optim``; both are part of
+  the checkpointed state, so a resumed run is exact.
+  """
+  from lt_jax import meta_weight  # the algorithm (pure); steps.make_meta_weight_step wires it in
+  mc, mesh = ctx.config.meta_weight, ctx.mesh
+  images, labels = ctx.data.splits.arrays("val")
+  rep = replicated(mesh)
+  meta = steps.MetaData(put_global(images, rep), put_global(np.asarray(labels, np.int32), rep))
+  size = min(mc.meta_batch_size or ctx.config.batch_size, len(labels)) // mesh.size * mesh.size
+  if size < 1:
+    raise config_lib.ConfigError(f"the meta set ({len(labels)} examples) is smaller than the {mesh.size} devices")
+  vnet_tx = optim.make_optimizer(mc.optim, optim.make_schedule(mc.optim, ctx.steps_per_epoch, spec.num_epochs))
+
+  def init(st):
+    vnet = meta_weight.init_vnet(jax.random.fold_in(jax.random.key(ctx.config.seed), 2000), mc.hidden)
+    return steps.MetaWeightState(step=st.step, params=st.params, batch_stats=st.batch_stats, opt_state=st.opt_state,
+                                 loss_state=st.loss_state, rng=st.rng, vnet_params=vnet,
+                                 vnet_opt_state=vnet_tx.init(vnet))
+  state = jax.jit(init, out_shardings=rep)(state)
+  step = steps.make_meta_weight_step(spec.model, tx, vnet_tx, spec.loss, schedule, ctx.counts_dev, spec.step_config,
+                                     mesh, size)
+  return state, lambda st, data: step(st, data, meta)
 
 
 def load_variables(path: str, config: ml_collections.ConfigDict, model, image_shape: tuple, mesh) -> Variables:

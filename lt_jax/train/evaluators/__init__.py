@@ -14,7 +14,7 @@ from lt_jax.train.evaluators.common import EvalContext, EvalResult, Evaluator, M
     StreamSplits, padded_batches
 from lt_jax.train.evaluators.ncm import NCMEvaluator
 from lt_jax.train.evaluators.regression import RegressionEvaluator
-from lt_jax.train.evaluators.sweeps import GRID, PosthocEvaluator, TauNormEvaluator
+from lt_jax.train.evaluators.sweeps import GRID, PosteriorRecalEvaluator, PosthocEvaluator, TauNormEvaluator
 from lt_jax.train.evaluators.test_agnostic import TestAgnosticEvaluator
 
 EVALUATORS = {
@@ -24,9 +24,10 @@ EVALUATORS = {
     "ncm": NCMEvaluator,
     "regression": RegressionEvaluator,
     "test_agnostic": TestAgnosticEvaluator,
+    "posterior_recal": PosteriorRecalEvaluator,
 }
 # Evaluators that read whole in-memory splits (not available for streamed datasets).
-NEEDS_MEMORY = ("tau_norm", "posthoc", "ncm")
+NEEDS_MEMORY = ("tau_norm", "posthoc", "ncm", "posterior_recal")
 
 
 def make(type_name: str, ctx: EvalContext, **settings) -> Evaluator:
