@@ -547,6 +547,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   validate_experts(c)
   if "contrastive" in c:
     validate_contrastive(c)
+  own_update = [what for what, on in (
+      (f"contrastive.method={c.contrastive.method!r}", c.get("contrastive") and c.contrastive.method != "none"),
+      ("meta_weight.enabled (Meta-Weight-Net)", c.get("meta_weight") and c.meta_weight.enabled),
+      (f"loss={c.loss.name!r} (multi-expert)", c.loss.name in _losses.EXPERT_LOSSES)) if on]
+  if len(own_update) > 1:
+    raise ConfigError(f"{' and '.join(own_update)} each bring their own update function; choose one")
 
 
 def validate_experts(c: ml_collections.ConfigDict) -> None:

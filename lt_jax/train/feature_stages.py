@@ -199,8 +199,8 @@ def make_meta_sampler_step(head, tx, base: losses_lib.Loss, meta_tx, schedule, c
   return jax.jit(step, donate_argnums=(0,))
 
 
-def build(ctx, spec, tx, schedule, grad_mask, variables) -> tuple[Callable, Any]:
-  """``(update, input)`` of the feature stage ``spec.name`` (called by ``trainer.fit``).
+def build(ctx, spec, state, tx, schedule, grad_mask, variables) -> tuple[Any, Callable, Any]:
+  """``(state, update, input)`` of the feature stage ``spec.name`` (``trainer.StageSpec.build``).
 
   The features come from ``variables`` (the stage's starting model: its backbone is frozen), so a
   resumed stage recomputes the same set; SMOTE draws from ``fold_in(key(seed), 2000)``.
@@ -222,4 +222,4 @@ def build(ctx, spec, tx, schedule, grad_mask, variables) -> tuple[Callable, Any]
                                     ctx.mesh, grad_mask, int(s.meta_batch_size), s.sampler)
   else:
     raise ValueError(f"unknown feature stage {spec.name!r}; valid: {', '.join(FEATURE_STAGES)}")
-  return update, loop.DeviceInput(data)
+  return state, update, loop.DeviceInput(data)

@@ -212,6 +212,13 @@ def validate(config: ml_collections.ConfigDict, ms: list[Member], data_devices: 
   if c.stages or c.init_from:
     raise ConfigError("a population trains the joint stage only: drop stages/init_from and run the stages "
                       "per member afterwards with --config.init_from=<workdir>/members/<name>")
+  own_update = [what for what, on in (
+      (f"contrastive.method={c.contrastive.method!r}", c.get("contrastive") and c.contrastive.method != "none"),
+      ("meta_weight (Meta-Weight-Net)", c.get("meta_weight") and c.meta_weight.enabled),
+      (f"the multi-expert loss {c.loss.name!r}", c.loss.name in losses_lib.EXPERT_LOSSES)) if on]
+  if own_update:
+    raise ConfigError(f"a population wraps the classification update only; {own_update[0]} has its own "
+                      "update function: train it as single runs (one per seed)")
   for name, entry in c.evals.items():
     if entry.get("type") != "classification":
       raise ConfigError(f"evals.{name}: a population evaluates with 'classification' evaluators only "

@@ -126,13 +126,11 @@ class StageSpec(NamedTuple):
   trainable: str             # decoupled.TRAINABLE_MODES
   record: dict               # the settings a resumed checkpoint must match
   logit_fn: Callable | None = None  # model outputs -> class scores (BAGS group softmax)
-  contrastive: Any = None    # contrastive.ContrastiveSettings: the joint stage's contrastive update
   # variables -> a transformation chained after the optimiser, inside the trainable partition (wb's MaxNorm)
   extra_tx: Callable | None = None
-  # (ctx, spec, tx, schedule, grad_mask, variables) -> (update, input): a stage with its own update
-  # function and input (the cached-feature stages); None: the image train step and train_input
+  # The stage's update function and input, ``build(ctx, spec, state, tx, schedule, grad_mask, variables)
+  # -> (state, update, input)`` (see :func:`classification_update`); None: the classification step.
   build: Callable | None = None
-  meta_weight: bool = False  # Meta-Weight-Net update (config.meta_weight; joint stage only)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -276,13 +274,14 @@ def joint_spec(ctx: Context, workdir: str) -> StageSpec:
   sc = sc._replace(defer_epochs=int(c.sampler.defer_epochs), mix=c.mix.name, mix_alpha=float(c.mix.alpha),
                    remix_kappa=float(c.mix.kappa), remix_tau=float(c.mix.tau), bbn=bool(c.model.bbn),
                    bbn_div_epoch=int(c.model.bbn_div_epoch), experts=c.loss.name in losses.EXPERT_LOSSES)
-  cs = None
+  build = None
   if c.get("contrastive") is not None and c.contrastive.method != "none":
     from lt_jax.train import contrastive
-    cs = contrastive.settings(c)
+    build = functools.partial(contrastive_update, contrastive.settings(c))
+  elif c.meta_weight.enabled:
+    build = meta_weight_update
   return StageSpec("joint", workdir, build_model(c, ctx.data.num_classes), make_loss(c, ctx.steps_per_epoch),
-                   c.optim, c.num_epochs, sc, "all", c.to_dict(), contrastive=cs,
-                   meta_weight=bool(c.meta_weight.enabled))
+                   c.optim, c.num_epochs, sc, "all", c.to_dict(), build=build)
 
 
 def stage_spec(ctx: Context, name: str, workdir: str) -> StageSpec:
@@ -374,21 +373,8 @@ def fit(ctx: Context, spec: StageSpec, variables: Variables | None):
     grad_mask = jax.tree.map(lambda l: l == "trainable", labels)
   state = create_state(spec.model, tx, spec.loss, ctx.data.num_classes, ctx.data.image_shape, config.seed, mesh,
                        variables)
-  if spec.meta_weight:  # Meta-Weight-Net: the VNet joins the state, the update also reads the meta set
-    state, update = meta_weight_update(ctx, spec, state, tx, schedule)
-  elif spec.build is not None:
-    update, stage_input = spec.build(ctx, spec, tx, schedule, grad_mask, variables)
-  elif spec.contrastive is not None:  # a contrastive method's update (multi-view input, its own state)
-    from lt_jax.train import contrastive
-    state = contrastive.init_method_state(state, spec.contrastive, ctx.data.num_classes, config.seed, mesh)
-    update = contrastive.make_contrastive_step(spec.model, tx, spec.loss, schedule, ctx.counts_dev,
-                                               spec.step_config, spec.contrastive, mesh)
-    stage_input = train_input(ctx, spec)
-  else:
-    update = steps.make_train_step(spec.model, tx, spec.loss, schedule, ctx.counts_dev, spec.step_config, mesh,
-                                   grad_mask=grad_mask, logit_fn=spec.logit_fn,
-                                   host_batches=ctx.data.stream is not None)
-    stage_input = train_input(ctx, spec)
+  state, update, stage_input = (spec.build or classification_update)(ctx, spec, state, tx, schedule, grad_mask,
+                                                                      variables)
   sampler = spec.step_config.sampler
   periodic = []
   evs = configured_evals(ctx, spec.model, spec.logit_fn)
@@ -416,8 +402,34 @@ def fit(ctx: Context, spec: StageSpec, variables: Variables | None):
   return state, step, evs
 
 
-def meta_weight_update(ctx: Context, spec: StageSpec, state, tx, schedule):
-  """``(MetaWeightState, update(state, data))`` of a Meta-Weight-Net stage (Shu et al., NeurIPS 2019).
+def classification_update(ctx: Context, spec: StageSpec, state, tx, schedule, grad_mask, variables):
+  """``(state, update, input)`` of the classification step (:func:`lt_jax.train.steps.make_train_step`:
+  every registry loss, mixing, BBN, DRW/DRS, multi-expert logits, frozen partitions), the default.
+
+  Every update builder has this signature (``StageSpec.build``): a method with its own update
+  function, state fields or inputs (contrastive methods, Meta-Weight-Net, the cached-feature
+  stages) is one such function, and :func:`fit` runs whichever the stage names in the one loop.
+  """
+  del variables
+  update = steps.make_train_step(spec.model, tx, spec.loss, schedule, ctx.counts_dev, spec.step_config, ctx.mesh,
+                                 grad_mask=grad_mask, logit_fn=spec.logit_fn,
+                                 host_batches=ctx.data.stream is not None)
+  return state, update, train_input(ctx, spec)
+
+
+def contrastive_update(cs, ctx: Context, spec: StageSpec, state, tx, schedule, grad_mask, variables):
+  """``(state, update, input)`` of a contrastive method ``cs`` (:mod:`lt_jax.train.contrastive`): its
+  own state (PaCo's key encoder and queue) and multi-view update over the on-device dataset."""
+  del grad_mask, variables
+  from lt_jax.train import contrastive
+  state = contrastive.init_method_state(state, cs, ctx.data.num_classes, ctx.config.seed, ctx.mesh)
+  update = contrastive.make_contrastive_step(spec.model, tx, spec.loss, schedule, ctx.counts_dev,
+                                             spec.step_config, cs, ctx.mesh)
+  return state, update, train_input(ctx, spec)
+
+
+def meta_weight_update(ctx: Context, spec: StageSpec, state, tx, schedule, grad_mask, variables):
+  """``(MetaWeightState, update, input)`` of a Meta-Weight-Net stage (Shu et al., NeurIPS 2019).
 
   The meta set is the validation split (``dataset.val_per_class`` per class, carved from the
   training pool before the long-tailed subset, as the reference's ``build_dataset`` carves
@@ -444,7 +456,8 @@ def meta_weight_update(ctx: Context, spec: StageSpec, state, tx, schedule):
   state = jax.jit(init, out_shardings=rep)(state)
   step = steps.make_meta_weight_step(spec.model, tx, vnet_tx, spec.loss, schedule, ctx.counts_dev, spec.step_config,
                                      mesh, size)
-  return state, lambda st, data: step(st, data, meta)
+  del grad_mask, variables
+  return state, lambda st, data: step(st, data, meta), train_input(ctx, spec)
 
 
 def load_variables(path: str, config: ml_collections.ConfigDict, model, image_shape: tuple, mesh) -> Variables:
