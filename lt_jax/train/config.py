@@ -164,7 +164,7 @@ POPULATION_GRID = ("optim.lr", "optim.weight_decay", "mix.alpha", "loss.tau", "l
 
 
 def population_fields() -> ml_collections.ConfigDict:
-  """``config.population``: members trained as one vmapped program (:mod:`lt_jax.train.population`).
+  """``config.population``: members trained as one jitted program (:mod:`lt_jax.train.population`).
 
   Members are the product of ``losses`` (registry names, aliases or recipes; empty: the config's
   loss) x ``samplers`` x the ``grid`` points x ``seeds``, each a comma-separated list (``+`` in

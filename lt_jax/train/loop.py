@@ -18,9 +18,9 @@ checkpoint is written, so a non-finite run stops naming its first bad step and t
 checkpoint stays the newest. A population (:mod:`lt_jax.train.population`) is a Run whose
 state has a member axis: its step freezes a non-finite member itself and reports the mean over
 the live members, so this same check stops it only when no member is left (``Run.watch`` sees
-the read metrics first and names the frozen members). ``host_sync``: ``"auto"`` blocks on every step only where
-PLATFORM.md's deadlock needs it (several emulated CPU devices: queued all-reduces of a
-2-core host time out), ``"always"`` / ``"never"`` override.
+the read metrics first and names the frozen members). ``host_sync``: ``"auto"`` blocks on every
+step only where PLATFORM.md's deadlock needs it (several emulated CPU devices: queued
+all-reduces of a 2-core host time out), ``"always"`` / ``"never"`` override.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-r"""Population training: many seeds and method variants trained as one jitted, vmapped program.
+r"""Population training: many seeds and method variants trained as one jitted program over a member axis.
 
 Long-tail results move by a point or more between seeds (the tail classes have tens of
 images), so a table needs several seeds per method. A *population* trains them together: its
@@ -29,6 +29,14 @@ convolutions and the traced learning rate change summation and rounding order (s
 ``tests/test_population.py`` for the measured size); a *varying* CB ``beta`` uses the float32
 effective number (a Python ``beta`` uses float64, :func:`lt_jax.priors.effective_number`), a
 varying ``mix.alpha`` the general Beta draw (a Python ``alpha = 1`` draws uniforms).
+
+**vmap or unroll** (``population.vectorize``). Under ``vmap`` a convolution of N members is one
+grouped convolution: one kernel launch on an accelerator, but XLA:CPU runs grouped convolutions
+2-4x slower than N separate ones (``bench/population.py``). ``'unroll'`` places the members' own
+single-run updates (their Python constants, loss and sampler; no switch) side by side in the same
+jitted step over the same state: bit-identical to independent single runs, as fast as running
+them one after another (or a little faster: independent members keep both cores busy), and one
+compilation per member. ``'auto'`` (default): ``'unroll'`` on CPU, ``'vmap'`` elsewhere.
 
 **Devices.** The mesh is ``('members', 'data')``: members over devices as far as the member count
 allows (``gcd(N, devices)``), data parallel inside a member for the rest (``vmap`` with

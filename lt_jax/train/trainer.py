@@ -142,7 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   of every training stage. Writes metrics, config, counts, plots and checkpoints to
   ``workdir`` (stages to ``workdir/stages/<name>``).
   """
-  from lt_jax.train import population  # many members as one vmapped program (config.population)
+  from lt_jax.train import population  # many members as one program (config.population)
   if population.enabled(config):
     return population.train_and_evaluate(config, workdir)
   mesh = make_mesh(config.num_devices)
