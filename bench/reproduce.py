@@ -66,8 +66,8 @@ ROWS = {
     "BBN": ("bbn", None),
     "Mixup": ("mixup", None),
     "Remix": ("remix", None),
-    "RIDE (3 experts, LDAM-DRW + diversity)": ("ride", None),
-    "SADE (3 experts, mean, no aggregation)": ("sade", None),
+    "RIDE (3 experts)": ("ride", None),
+    "SADE (3 experts; mean of experts)": ("sade", None),
 }
 
 
