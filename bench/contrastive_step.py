@@ -4,9 +4,10 @@ Each method's jitted update (``lt_jax.train.contrastive``: on-device sampling, V
 forward/backward, SGD; PaCo also the momentum key encoder and the queue) against the
 classification step with CE (``lt_jax.train.steps``: one pad-crop view), on the same synthetic
 in-memory data and model. Rounds cycle through all steps so every one sees the same machine load;
-the medians are reported as steps/s, training examples/s and the cost relative to the CE step.
+reported: the best round (the least disturbed by other processes on a shared machine, as ``timeit``)
+and the median, as steps/s, training examples/s and the cost relative to the CE step (best rounds).
 
-  python bench/contrastive_step.py                       # small CNN, 28x28x1, batch 128, 40 steps x 3
+  python bench/contrastive_step.py                       # small CNN, 28x28x1, batch 128, 10 steps x 9
   python bench/contrastive_step.py --model=resnet32 --steps=10 --rounds=2
 """
 
@@ -80,8 +81,8 @@ def main():
   p.add_argument("--model", default="cnn")
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--num_train", type=int, default=5120)
-  p.add_argument("--steps", type=int, default=40)
-  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--rounds", type=int, default=9)
   args = p.parse_args()
   builders, data = setup(args.model, args.batch, args.num_train)
   runs = {}
@@ -94,15 +95,15 @@ def main():
       run[1], rate = timed(run[0], run[1], data, args.steps)
       run[2].append(rate)
   views = {"ce": 1, **{m: len(contrastive.VIEWS[m]) for m in contrastive.METHODS}}
-  base = statistics.median(runs["ce"][2])
-  print(f"{args.model}, batch {args.batch}, {args.steps} steps x {args.rounds} rounds, medians "
-        f"({jax.devices()[0].platform}):")
+  base = max(runs["ce"][2])
+  print(f"{args.model}, batch {args.batch}, {args.steps} steps x {args.rounds} rounds "
+        f"({jax.devices()[0].platform}); best round (median):")
   print("| step | views | steps/s | examples/s | cost vs CE step |")
   print("|---|---|---|---|---|")
   for name, run in runs.items():
-    rate = statistics.median(run[2])
-    print(f"| {name} | {views[name]}{' + key encoder' if name == 'paco' else ''} | {rate:.2f} | "
-          f"{rate * args.batch:.0f} | {base / rate:.2f}x |")
+    best, med = max(run[2]), statistics.median(run[2])
+    print(f"| {name} | {views[name]}{' + key encoder' if name == 'paco' else ''} | {best:.2f} ({med:.2f}) | "
+          f"{best * args.batch:.0f} | {base / best:.2f}x ({statistics.median(runs['ce'][2]) / med:.2f}x) |")
 
 
 if __name__ == "__main__":

@@ -291,32 +291,37 @@ def test_multi_view_batch_keeps_the_sampler_and_augments_each_view(tiny, sampler
   assert not np.allclose(views[0], views[1])
 
 
-def _paco_run(tiny, num_devices, num_steps=3):
+PACO = contrastive.ContrastiveSettings("paco", temperature=0.2, base_temperature=0.0, alpha=0.5, momentum=0.9,
+                                      queue_size=16)
+
+
+def _paco_run(tiny, num_devices, init=None, num_steps=3):
+  """``num_steps`` PaCo steps on a ``num_devices`` mesh from ``init`` (a host copy of the initial state)."""
   images, labels, counts = tiny
   mesh = make_mesh(num_devices)
   model = ContrastiveNet(get_model("cnn", num_classes=C, widths=(4, 8), feature_dim=16), proj_dim=8, proj_bn=True)
   tx = optax.sgd(0.1, momentum=0.9)
   loss = losses.make_loss("ce")
-  state = create_state(model, tx, loss, C, (HW, HW, 1), 0, mesh)
-  cs = contrastive.ContrastiveSettings("paco", temperature=0.2, base_temperature=0.0, alpha=0.5, momentum=0.9,
-                                        queue_size=16)
-  state = contrastive.init_method_state(state, cs, C, 0, mesh)
+  if init is None:
+    init = jax.device_get(contrastive.init_method_state(create_state(model, tx, loss, C, (HW, HW, 1), 0, mesh),
+                                                        PACO, C, 0, mesh))
+  state = jax.device_put(init, replicated(mesh))
   step = contrastive.make_contrastive_step(model, tx, loss, lambda s: 0.1, put_global(counts, replicated(mesh)),
-                                           _sc(), cs, mesh)
+                                           _sc(), PACO, mesh)
   data = _data(tiny, mesh)
-  queue0 = jax.device_get(state.loss_state["method"]["queue"])
   out = []
   for _ in range(num_steps):
     state, m = step(state, data)
     jax.block_until_ready(m)  # several emulated CPU devices: one step at a time (PLATFORM.md)
     out.append(float(m["loss"]))
-  return queue0, jax.device_get(state.loss_state["method"]["queue"]), out, data
+  return init, jax.device_get(state.loss_state["method"]["queue"]), out, data
 
 
 def test_paco_queue_is_exact_on_one_and_two_devices(tiny):
   assert len(jax.devices()) == 2
-  q0, one, loss1, data = _paco_run(tiny, 1)
-  _, two, loss2, _ = _paco_run(tiny, 2)
+  init, one, loss1, data = _paco_run(tiny, 1)
+  _, two, loss2, _ = _paco_run(tiny, 2, init)
+  q0 = init.loss_state["method"]["queue"]
   # 3 global batches of 8 into K = 16: positions 0..7 hold step 3's keys, 8..15 step 2's, pointer at 8
   assert int(one["ptr"]) == int(two["ptr"]) == 8
   np.testing.assert_array_equal(one["labels"], two["labels"])
