@@ -51,7 +51,7 @@ RUNS = {
     "ros": ("sampler=over", False),
     "ce_feat": ("stages=smote_crt+meta_sampler", True),
 }
-# table row -> (run, stage or None for the joint model)
+# table row -> (run, stage or None for the joint model); no commas in row names (--rows splits on them)
 ROWS = {
     "CE": ("ce", None),
     "weighted CE (inverse)": ("wce", None),
@@ -70,12 +70,12 @@ ROWS = {
     "BBN": ("bbn", None),
     "Mixup": ("mixup", None),
     "Remix": ("remix", None),
-    "WB stage 1 (CE, wd 5e-3)": ("wb", None),
-    "WB stages 1+2 (MaxNorm, CB, wd 0.1)": ("wb", "wb"),
+    "WB stage 1 (CE wd 5e-3)": ("wb", None),
+    "WB stages 1+2 (MaxNorm + CB + wd 0.1)": ("wb", "wb"),
     "random under-sampling": ("rus", None),
     "random over-sampling": ("ros", None),
     "CE + SMOTE-cRT (cached features)": ("ce_feat", "smote_crt"),
-    "CE + Meta Sampler (BALMS, cached features)": ("ce_feat", "meta_sampler"),
+    "CE + Meta Sampler (BALMS; cached features)": ("ce_feat", "meta_sampler"),
 }
 
 
@@ -173,7 +173,7 @@ def main():
   p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
   p.add_argument("--plot", default="", help="PNG path for the bar chart (default: <root>/table.png)")
   args, args.overrides = p.parse_known_args()
-  args.rows = [r for r in args.rows.split(",") if r]
+  args.rows = [r for r in args.rows.split(",") if r]  # row names never contain a comma (checked below)
   unknown = [r for r in args.rows if r not in ROWS]
   if unknown:
     p.error(f"unknown rows {unknown}; valid rows: {list(ROWS)}")
