@@ -70,7 +70,7 @@ RUNS = {
     "mwnet": ("mwnet", False),                                  # meta set = the validation split
     "ce_recal": ("loss=ce,stages=posterior_recal", True),       # evaluates the CE run's model
 }
-# table row -> (run, stage or None for the joint model)
+# table row -> (run, stage or None for the joint model); no commas in row names (--rows splits on them)
 ROWS = {
     "CE": ("ce", None),
     "weighted CE (inverse)": ("wce", None),
@@ -96,12 +96,12 @@ ROWS = {
     "SupCon + cRT": ("supcon", "crt"),
     "BCL": ("bcl", None),
     "PaCo": ("paco", None),
-    "WB stage 1 (CE, wd 5e-3)": ("wb", None),
-    "WB stages 1+2 (MaxNorm, CB, wd 0.1)": ("wb", "wb"),
+    "WB stage 1 (CE wd 5e-3)": ("wb", None),
+    "WB stages 1+2 (MaxNorm + CB + wd 0.1)": ("wb", "wb"),
     "random under-sampling": ("rus", None),
     "random over-sampling": ("ros", None),
     "CE + SMOTE-cRT (cached features)": ("ce_feat", "smote_crt"),
-    "CE + Meta Sampler (BALMS, cached features)": ("ce_feat", "meta_sampler"),
+    "CE + Meta Sampler (BALMS; cached features)": ("ce_feat", "meta_sampler"),
     "MW-Net": ("mwnet", None),
     "CE + posterior re-calibration": ("ce_recal", "posterior_recal"),
 }
@@ -301,7 +301,7 @@ def main():
                       "process: one launch.py process per run and seed")
   p.add_argument("--plot", default="", help="PNG path for the bar chart (default: <root>/table.png)")
   args, args.overrides = p.parse_known_args()
-  args.rows = [r for r in args.rows.split(",") if r]
+  args.rows = [r for r in args.rows.split(",") if r]  # row names never contain a comma (checked below)
   unknown = [r for r in args.rows if r not in ROWS]
   if unknown:
     p.error(f"unknown rows {unknown}; valid rows: {list(ROWS)}")

@@ -10,8 +10,9 @@ Two layers:
    :func:`sample_indices` (class from ``p``, then an example uniformly within the class),
    :func:`class_aware_indices` (Shen et al., ECCV 2016; classifier-balancing
    ``ClassAwareSampler``: rounds over a random class permutation, ``K`` examples per
-   class, each class's examples walked without replacement) and :func:`instance_indices`
-   (plain uniform).
+   class, each class's examples walked without replacement), :func:`resampled_indices`
+   (dataset-level random under- / over-sampling: shuffled passes over a resampled set) and
+   :func:`instance_indices` (plain uniform).
 
 The sampler names a run config chooses from are :data:`SAMPLERS` (one vocabulary for the
 on-device step and the streaming host samplers of :mod:`lt_jax.data.streaming`).
