@@ -142,6 +142,19 @@ def test_resume_with_incompatible_config_is_refused(mock_tfds, tmp_path):
   assert out["step"] == 3
 
 
+def test_fields_added_later_at_their_default_do_not_block_resume():
+  """A checkpoint written before a config field existed resumes when the field is at its default."""
+  base = config_lib.base_config().to_dict()
+  current = tiny_config().to_dict()
+  saved = json.loads(json.dumps(current))            # as config.json / the checkpoint's meta store it
+  del saved["meta_weight"], saved["sampler"]["redraw"]
+  assert config_lib.incompatible_fields(saved, current, defaults=base) == []
+  assert [d.split(":")[0] for d in config_lib.incompatible_fields(saved, current)] == ["meta_weight", "sampler.redraw"]
+  current["meta_weight"]["hidden"], current["sampler"]["redraw"] = 50, True   # not the defaults: refused
+  assert [d.split(":")[0] for d in config_lib.incompatible_fields(saved, current, defaults=base)] == [
+      "meta_weight", "sampler.redraw"]
+
+
 def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(mock_tfds, tmp_path):
   c = tiny_config()
   c.optim.lr = 1e30

@@ -55,7 +55,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, config: dic
     except Exception as e:  # pylint: disable=broad-except  (any unreadable file: orbax raises many kinds)
       skipped.append((step, e))
       continue
-    diff = config_lib.incompatible_fields(meta["config"], config)
+    diff = config_lib.incompatible_fields(meta["config"], config, defaults=config_lib.base_config().to_dict())
     if diff:
       raise ResumeError(
           f"refusing to resume from {mngr.directory} (step {step}): the config changed in a way that "

@@ -886,16 +886,27 @@ def trajectory_fields(d: dict, drop: tuple[str, ...] = ()) -> dict:
   return out
 
 
-def incompatible_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
-  """Dotted keys whose values differ and that change the training trajectory."""
+_MISSING = "<missing>"
+
+
+def incompatible_fields(saved: dict, current: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+  """Dotted keys whose values differ and that change the training trajectory.
+
+  ``defaults`` (a config dict, e.g. ``base_config().to_dict()``): a key the saved config lacks is
+  compatible when the current value is its default there — a field added by a later lt_jax version
+  at its default changes nothing, so a run started before the upgrade still resumes.
+  """
   out = []
   for key in sorted(set(saved) | set(current)):
     dotted = f"{prefix}{key}"
     if dotted in RESUMABLE_FIELDS:
       continue
-    a, b = saved.get(key, "<missing>"), current.get(key, "<missing>")
+    a, b = saved.get(key, _MISSING), current.get(key, _MISSING)
+    d = defaults.get(key, _MISSING) if isinstance(defaults, dict) else _MISSING
     if isinstance(a, dict) and isinstance(b, dict):
-      out += incompatible_fields(a, b, dotted + ".")
+      out += incompatible_fields(a, b, dotted + ".", d if isinstance(d, dict) else None)
+    elif a is _MISSING and d is not _MISSING and _normalise(b) == _normalise(d):
+      continue
     elif _normalise(a) != _normalise(b):
       out.append(f"{dotted}: checkpoint has {a!r}, config has {b!r}")
   return out
