@@ -15,36 +15,25 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
-import ml_collections
 import numpy as np
 
-from lt_jax import losses, samplers
+from lt_jax import losses
 from lt_jax.models import get_model
 from lt_jax.models.contrastive import ContrastiveNet
-from lt_jax.train import config as config_lib, contrastive, optim, steps
+from lt_jax.train import config as config_lib, contrastive, steps
 from lt_jax.train.state import create_state, make_mesh, put_global, replicated
+
+import common  # bench/common.py
 
 
 def setup(model_name: str, batch: int, num_train: int):
-  shape = (28, 28, 1) if model_name == "cnn" else (32, 32, 3)
   mesh = make_mesh(1)
-  rng = np.random.default_rng(0)
-  labels = np.repeat(np.arange(10), num_train // 10).astype(np.int32)
-  images = rng.integers(0, 256, (len(labels), *shape), dtype=np.uint8)
-  rep = replicated(mesh)
-  data = steps.TrainData(put_global(images, rep), put_global(labels, rep),
-                         jax.device_put(samplers.build_index(labels, 10), rep))
-  oc = ml_collections.ConfigDict(dict(name="sgd", lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4,
-                                      schedule="cosine", warmup_epochs=0.0, decay_epochs=(), decay_factor=0.1))
-  spe = len(labels) // batch
-  schedule = optim.make_schedule(oc, spe, 100)
-  tx = optim.make_optimizer(oc, schedule)
-  sc = steps.StepConfig(batch_size=batch, steps_per_epoch=spe, num_epochs=100, sampler="instance", k_per_class=4,
-                        crop_pad=2, flip=True, mean=(0.5,) * shape[-1], std=(0.25,) * shape[-1], num_classes=10)
-  counts = put_global(np.bincount(labels, minlength=10).astype(np.float32), rep)
+  shape, _, labels, data = common.synthetic_data(model_name, [num_train // 10] * 10, mesh)
+  spe, schedule, tx = common.sgd(batch, len(labels))
+  sc = common.step_config(batch, spe, shape)
+  counts = put_global(np.bincount(labels, minlength=10).astype(np.float32), replicated(mesh))
 
   def ce():
     model, loss = get_model(model_name, num_classes=10), losses.make_loss("ce")
@@ -69,11 +58,7 @@ def setup(model_name: str, batch: int, num_train: int):
 
 
 def timed(update, state, data, n: int):
-  t = time.perf_counter()
-  for _ in range(n):
-    state, m = update(state, data)
-  jax.block_until_ready((state, m))
-  return state, n / (time.perf_counter() - t)
+  return common.timed(update, state, (data,), n)
 
 
 def main():

@@ -20,30 +20,25 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
-import ml_collections
 import numpy as np
 
-from lt_jax import losses, samplers
+from lt_jax import losses
 from lt_jax.models import get_model
-from lt_jax.train import optim, steps
+from lt_jax.train import steps
 from lt_jax.train.state import create_state, make_mesh, put_global, replicated
+
+import common  # bench/common.py
 
 METHODS = ("ce", "ride", "sade", "ride_full")
 
 
 def setup(model_name: str, method: str, batch: int, num_train: int):
-  shape = (28, 28, 1) if model_name == "cnn" else (32, 32, 3)
   mesh = make_mesh(1)
-  rng = np.random.default_rng(0)
   counts = np.maximum((num_train // 10) * 0.01 ** (np.arange(10) / 9), 5).astype(int)
-  labels = np.repeat(np.arange(10), counts).astype(np.int32)
-  images = rng.integers(0, 256, (len(labels), *shape), dtype=np.uint8)
+  shape, _, labels, data = common.synthetic_data(model_name, counts, mesh)
   rep = replicated(mesh)
-  data = steps.TrainData(put_global(images, rep), put_global(labels, rep),
-                         jax.device_put(samplers.build_index(labels, 10), rep))
   if method == "ce":
     model, loss = get_model(model_name, num_classes=10), losses.make_loss("ce")
   else:
@@ -51,14 +46,8 @@ def setup(model_name: str, method: str, batch: int, num_train: int):
                       reduce_dimension=method != "ride_full")
     loss = (losses.make_loss("sade") if method == "sade" else
             losses.make_loss("ride", weights="effective_number", beta=0.9999, weight_norm="batch", drw_start=0))
-  oc = ml_collections.ConfigDict(dict(name="sgd", lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4,
-                                      schedule="cosine", warmup_epochs=0.0, decay_epochs=(), decay_factor=0.1))
-  spe = len(labels) // batch
-  schedule = optim.make_schedule(oc, spe, 100)
-  tx = optim.make_optimizer(oc, schedule)
-  sc = steps.StepConfig(batch_size=batch, steps_per_epoch=spe, num_epochs=100, sampler="instance", k_per_class=4,
-                        crop_pad=2, flip=True, mean=(0.5,) * shape[-1], std=(0.25,) * shape[-1], num_classes=10,
-                        experts=method != "ce")
+  spe, schedule, tx = common.sgd(batch, len(labels))
+  sc = common.step_config(batch, spe, shape, experts=method != "ce")
   update = steps.make_train_step(model, tx, loss, schedule, put_global(counts.astype(np.float32), rep), sc, mesh)
   state = create_state(model, tx, loss, 10, shape, 0, mesh)
   n_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
@@ -66,11 +55,7 @@ def setup(model_name: str, method: str, batch: int, num_train: int):
 
 
 def timed(update, state, data, n: int):
-  t = time.perf_counter()
-  for _ in range(n):
-    state, m = update(state, data)
-  jax.block_until_ready((state, m))
-  return state, n / (time.perf_counter() - t)
+  return common.timed(update, state, (data,), n)
 
 
 def main():

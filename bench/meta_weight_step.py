@@ -17,42 +17,32 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-from lt_jax import losses, meta_weight as mw, samplers
+from lt_jax import losses, meta_weight as mw
 from lt_jax.data import augment
 from lt_jax.models import cpu_compiler_options, get_model
 from lt_jax.train import config as config_lib, optim, steps
 from lt_jax.train.state import create_state, make_mesh, put_global, replicated
 
+import common  # bench/common.py
+
 
 def setup(model_name: str, batch: int, num_train: int, num_meta: int):
-  shape = (28, 28, 1) if model_name == "cnn" else (32, 32, 3)
   mesh = make_mesh(1)
-  rng = np.random.default_rng(0)
-  labels = np.repeat(np.arange(10), num_train // 10).astype(np.int32)
-  images = rng.integers(0, 256, (len(labels), *shape), dtype=np.uint8)
+  shape, images, labels, data = common.synthetic_data(model_name, [num_train // 10] * 10, mesh)
   rep = replicated(mesh)
-  data = steps.TrainData(put_global(images, rep), put_global(labels, rep),
-                         jax.device_put(samplers.build_index(labels, 10), rep))
   meta = steps.MetaData(put_global(images[:num_meta], rep), put_global(labels[:num_meta], rep))
   model = get_model(model_name, num_classes=10)
-  oc = ml_collections.ConfigDict(dict(name="sgd", lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4,
-                                      schedule="cosine", warmup_epochs=0.0, decay_epochs=(), decay_factor=0.1))
-  spe = len(labels) // batch
-  schedule = optim.make_schedule(oc, spe, 100)
-  tx = optim.make_optimizer(oc, schedule)
+  spe, schedule, tx = common.sgd(batch, len(labels))
   vc = config_lib.base_config().meta_weight.optim
-  vnet_tx = optim.make_optimizer(vc, optim.make_schedule(vc, spe, 100))
+  vnet_tx = optim.make_optimizer(vc, optim.make_schedule(vc, spe, common.NUM_EPOCHS))
   loss = losses.make_loss("ce")
-  sc = steps.StepConfig(batch_size=batch, steps_per_epoch=spe, num_epochs=100, sampler="instance", k_per_class=4,
-                        crop_pad=2, flip=True, mean=(0.5,) * shape[-1], std=(0.25,) * shape[-1], num_classes=10)
+  sc = common.step_config(batch, spe, shape)
   counts = put_global(np.bincount(labels, minlength=10).astype(np.float32), rep)
   mbs = min(batch, num_meta)
   plain = steps.make_train_step(model, tx, loss, schedule, counts, sc, mesh)
@@ -111,11 +101,7 @@ def make_naive_step(model, tx, vnet_tx, schedule, sc, mbs):
 
 
 def steps_per_s(update, state, n: int) -> float:
-  t = time.perf_counter()
-  for _ in range(n):
-    state, m = update(state)
-  jax.block_until_ready((state, m))
-  return n / (time.perf_counter() - t)
+  return common.timed(update, state, (), n)[1]
 
 
 def main():
