@@ -6,8 +6,6 @@ Runs on the session's 2 emulated CPU devices (conftest.py): 6 members put 3 on e
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -22,8 +20,8 @@ from lt_jax.train.state import create_state
 from lt_jax.train.trainer import build_model, train_and_evaluate
 
 from configs import cifar_lt, fashion_mnist_lt  # installed (requirements.txt: -e .) or the cwd
+from test_train import run_killed_after_first_save, set_fields
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOCK_EXAMPLES = 400
 STEPS = 6
 
@@ -41,13 +39,7 @@ def tiny_config(variant: str = "smoke", **overrides):
   c.optim.warmup_epochs = 0.5
   c.optim.decay_epochs = (1, 2)
   c.checkpoint_every_steps = 3
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
+  return set_fields(c, overrides)
 
 
 def pop_config(**overrides):
@@ -200,27 +192,7 @@ def test_frozen_member_and_sigkill_resume(runs, tmp_path, capsys):
   (step 3) and resumed: the live member equals its uninterrupted single run bit for bit, the frozen
   one kept its initial state, and the summary and the log say which member was frozen and when."""
   workdir = tmp_path / "killed"
-  script = f"""
-import os, signal
-import jax
-jax.config.update("jax_num_cpu_devices", {len(jax.devices())})
-jax.config.update("jax_compilation_cache_dir", {jax.config.jax_compilation_cache_dir!r})
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-import tensorflow_datasets as tfds
-from lt_jax.train import checkpoint
-orig = checkpoint.save
-def save_then_die(mngr, step, state, meta):
-  orig(mngr, step, state, meta)
-  mngr.wait_until_finished()
-  os.kill(os.getpid(), signal.SIGKILL)
-checkpoint.save = save_then_die
-import tests.test_population as t
-with tfds.testing.mock_data(num_examples={MOCK_EXAMPLES}):
-  from lt_jax.train.trainer import train_and_evaluate
-  train_and_evaluate(t.frozen_config(), {str(workdir)!r})
-"""
-  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  proc = run_killed_after_first_save("tests.test_population.frozen_config()", workdir)
   assert proc.returncode == -9, proc.stderr[-2000:]
   assert "member logit_adjusted_tau=3e+38_seed0 went non-finite at step 1" in proc.stdout
   assert sorted(s for s in os.listdir(workdir / "checkpoints") if s.isdigit()) == ["3"]

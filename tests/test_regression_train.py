@@ -21,6 +21,7 @@ from lt_jax.train.config import ConfigError
 from lt_jax.train.state import make_mesh, put_global, replicated
 
 from configs import fashion_mnist_dir  # installed (requirements.txt: -e .) or the cwd
+from test_train import set_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,13 +37,7 @@ def tiny_config(method="lds_fds", **overrides):
   c.eval_batch_size = 20
   c.num_epochs = 2
   c.max_steps = -1
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
+  return set_fields(c, overrides)
 
 
 @pytest.fixture(scope="module")

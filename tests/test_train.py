@@ -27,6 +27,44 @@ def mock_tfds():
     yield
 
 
+def set_fields(c, overrides: dict):
+  """``c`` with the dotted keys of ``overrides`` (``{"optim.lr": 0.1}``) set."""
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def run_killed_after_first_save(config_expr: str, workdir) -> subprocess.CompletedProcess:
+  """Trains ``config_expr`` (e.g. ``"tests.test_train.tiny_config()"``) on mock data in a subprocess
+  that SIGKILLs itself right after its first checkpoint is on disk; returns the finished process."""
+  script = f"""
+import os, signal, sys
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})  # test modules import each other
+import jax
+jax.config.update("jax_num_cpu_devices", {len(jax.devices())})
+jax.config.update("jax_compilation_cache_dir", {jax.config.jax_compilation_cache_dir!r})
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+import tensorflow_datasets as tfds
+from lt_jax.train import checkpoint
+orig = checkpoint.save
+def save_then_die(mngr, step, state, meta):
+  orig(mngr, step, state, meta)
+  mngr.wait_until_finished()
+  os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save = save_then_die
+import {config_expr.rsplit(".", 1)[0]}
+with tfds.testing.mock_data(num_examples={MOCK_EXAMPLES}):
+  from lt_jax.train.trainer import train_and_evaluate
+  train_and_evaluate({config_expr}, {str(workdir)!r})
+"""
+  return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
 def tiny_config(**overrides):
   """A CNN on mock cifar10 (IR 4): a few steps, quiet, no plots."""
   c = cifar_lt.get_config("smoke")
@@ -40,13 +78,7 @@ def tiny_config(**overrides):
   c.optim.warmup_epochs = 0.5
   c.optim.decay_epochs = (1, 2)
   c.checkpoint_every_epochs = 1
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
+  return set_fields(c, overrides)
 
 
 def params_of(result):
@@ -103,25 +135,7 @@ def test_sigkill_mid_run_then_resume(mock_tfds, reference_run, tmp_path):
   """A process killed by SIGKILL after its first checkpoint resumes to the same parameters."""
   ref = reference_run
   workdir = tmp_path / "killed"
-  script = f"""
-import os, signal
-import jax
-jax.config.update("jax_num_cpu_devices", {len(jax.devices())})
-import tensorflow_datasets as tfds
-from lt_jax.train import checkpoint
-orig = checkpoint.save
-def save_then_die(mngr, step, state, meta):
-  orig(mngr, step, state, meta)
-  mngr.wait_until_finished()
-  os.kill(os.getpid(), signal.SIGKILL)
-checkpoint.save = save_then_die
-import tests.test_train as t
-with tfds.testing.mock_data(num_examples={MOCK_EXAMPLES}):
-  from lt_jax.train.trainer import train_and_evaluate
-  train_and_evaluate(t.tiny_config(), {str(workdir)!r})
-"""
-  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  proc = run_killed_after_first_save("tests.test_train.tiny_config()", workdir)
   assert proc.returncode == -9, proc.stderr[-2000:]
   saved = sorted(os.listdir(workdir / "checkpoints"))
   assert [s for s in saved if s.isdigit()], saved
@@ -240,7 +254,6 @@ def test_diverging_smoke_run_exits_2_and_keeps_no_bad_checkpoint(tmp_path):
   assert last.startswith("error: non-finite training ") and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert not (tmp_path / "summary.json").exists()
   for step in os.listdir(tmp_path / "checkpoints"):  # whatever was kept is finite
-    from lt_jax.train import checkpoint
     arrays = checkpoint.restore_arrays(checkpoint.manager(str(tmp_path), 3), int(step))
     assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(arrays["params"])), step
 
