@@ -105,6 +105,7 @@ ROWS = {
     "MW-Net": ("mwnet", None),
     "CE + posterior re-calibration": ("ce_recal", "posterior_recal"),
 }
+assert not any("," in row for row in ROWS), "--rows splits on commas"
 
 
 def _done_file(workdir: str, variant: str) -> str:
@@ -301,7 +302,7 @@ def main():
                       "process: one launch.py process per run and seed")
   p.add_argument("--plot", default="", help="PNG path for the bar chart (default: <root>/table.png)")
   args, args.overrides = p.parse_known_args()
-  args.rows = [r for r in args.rows.split(",") if r]  # row names never contain a comma (checked below)
+  args.rows = [r for r in args.rows.split(",") if r]  # no row name contains a comma (asserted below ROWS)
   unknown = [r for r in args.rows if r not in ROWS]
   if unknown:
     p.error(f"unknown rows {unknown}; valid rows: {list(ROWS)}")
