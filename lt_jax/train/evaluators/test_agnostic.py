@@ -139,5 +139,5 @@ class TestAgnosticEvaluator(Evaluator):
     lines += [f"{name:<44}" + "".join(f"{100 * s[p + d]:>{w}.2f}" for d in self.names) for name, p in rows]
     if self.aggregate:
       lines.append(f"{'expert weights':<44}" + "".join(
-          f"{'/'.join(f'{v:.2f}' for v in s['weights_' + d]):>{w}}" for d in self.names))
+          (" " + "/".join(f"{v:.2f}" for v in s["weights_" + d])).rjust(w) for d in self.names))  # >= 1 space
     return "\n".join(lines)
