@@ -57,10 +57,6 @@ def setup(model_name: str, batch: int, num_train: int):
   return {"ce": ce, **{m: (lambda m=m: method(m)) for m in contrastive.METHODS}}, data
 
 
-def timed(update, state, data, n: int):
-  return common.timed(update, state, (data,), n)
-
-
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default="cnn")
@@ -73,11 +69,11 @@ def main():
   runs = {}
   for name, build in builders.items():
     update, state = build()
-    state, _ = timed(update, state, data, 2)  # compile + warm up
+    state, _ = common.timed(update, state, (data,), 2)  # compile + warm up
     runs[name] = [update, state, []]
   for _ in range(args.rounds):
     for name, run in runs.items():
-      run[1], rate = timed(run[0], run[1], data, args.steps)
+      run[1], rate = common.timed(run[0], run[1], (data,), args.steps)
       run[2].append(rate)
   views = {"ce": 1, **{m: len(contrastive.VIEWS[m]) for m in contrastive.METHODS}}
   base = max(runs["ce"][2])

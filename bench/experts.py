@@ -54,10 +54,6 @@ def setup(model_name: str, method: str, batch: int, num_train: int):
   return update, state, data, n_params
 
 
-def timed(update, state, data, n: int):
-  return common.timed(update, state, (data,), n)
-
-
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--model", default="cnn", choices=("cnn", "resnet32"))
@@ -70,12 +66,12 @@ def main():
   runs = {}
   for m in methods:
     update, state, data, n_params = setup(a.model, m, a.batch, 6000)
-    state, _ = timed(update, state, data, 2)  # compile
+    state, _ = common.timed(update, state, (data,), 2)  # compile
     runs[m] = [update, state, data, n_params, []]
   for r in range(a.rounds):
     for m in methods:
       update, state, data, _, rates = runs[m]
-      runs[m][1], rate = timed(update, state, data, a.steps)
+      runs[m][1], rate = common.timed(update, state, (data,), a.steps)
       rates.append(rate)
     print(f"round {r}: " + ", ".join(f"{m} {runs[m][4][-1]:.2f}" for m in methods) + " steps/s", flush=True)
   base = statistics.median(runs["ce"][4]) if "ce" in runs else None

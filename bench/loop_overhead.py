@@ -43,10 +43,6 @@ def setup(model_name: str, batch: int, num_train: int):
   return update, fresh, data
 
 
-def bare(update, state, data, n: int) -> float:
-  return common.timed(update, state, (data,), n)[1]
-
-
 def looped(update, state, data, n: int, batch: int) -> float:
   env = loop.Env(is_main=True, quiet=True, log=lambda *a: None, block_each_step=False)
   with tempfile.TemporaryDirectory() as d:
@@ -66,10 +62,10 @@ def main():
   p.add_argument("--rounds", type=int, default=3)
   a = p.parse_args()
   update, fresh, data = setup(a.model, a.batch, 4000)
-  bare(update, fresh(), data, 3)  # compile
+  common.timed(update, fresh(), (data,), 3)  # compile
   b, l = [], []
   for r in range(a.rounds):
-    b.append(bare(update, fresh(), data, a.steps))
+    b.append(common.timed(update, fresh(), (data,), a.steps)[1])
     l.append(looped(update, fresh(), data, a.steps, a.batch))
     print(f"round {r}: bare {b[-1]:.2f} steps/s, loop {l[-1]:.2f} steps/s", flush=True)
   mb, ml = statistics.median(b), statistics.median(l)

@@ -38,6 +38,8 @@ from lt_jax.models import get_model
 from lt_jax.train import feature_stages, optim, steps
 from lt_jax.train.state import create_state, make_mesh, put_global, replicated
 
+import common  # bench/common.py
+
 COUNTS = np.array([5980, 3584, 2149, 1288, 772, 463, 277, 166, 99, 59])   # the reproduction recipe's
 
 
@@ -80,11 +82,7 @@ def setup(batch: int):
 def timed(update, state, data, n: int) -> float:
   state, m = update(state, data)           # compiled already; one step outside the clock
   jax.block_until_ready(m)
-  t = time.perf_counter()
-  for _ in range(n):
-    state, m = update(state, data)
-  jax.block_until_ready((state, m))
-  return n / (time.perf_counter() - t)
+  return common.timed(update, state, (data,), n)[1]
 
 
 def main():

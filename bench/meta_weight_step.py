@@ -100,10 +100,6 @@ def make_naive_step(model, tx, vnet_tx, schedule, sc, mbs):
   return jax.jit(step, donate_argnums=(0,), compiler_options=cpu_compiler_options())
 
 
-def steps_per_s(update, state, n: int) -> float:
-  return common.timed(update, state, (), n)[1]
-
-
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--model", default="cnn")
@@ -116,12 +112,12 @@ def main():
   variants = setup(a.model, a.batch, 4000, a.meta)
   names = ["plain", "mwnet"] + (["naive"] if a.naive else [])
   for name in names:  # compile
-    steps_per_s(variants[name][0], variants[name][1](), 2)
+    common.timed(variants[name][0], variants[name][1](), (), 2)
   rates = {n: [] for n in names}
   for r in range(a.rounds):
     for name in names:
       update, fresh = variants[name]
-      rates[name].append(steps_per_s(update, fresh(), a.steps))
+      rates[name].append(common.timed(update, fresh(), (), a.steps)[1])
     print(f"round {r}: " + ", ".join(f"{n} {rates[n][-1]:.2f} steps/s" for n in names), flush=True)
   med = {n: statistics.median(v) for n, v in rates.items()}
   print(f"{a.model} batch {a.batch}, meta batch {min(a.batch, a.meta)}, {a.steps} steps x {a.rounds} rounds, "

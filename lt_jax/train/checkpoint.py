@@ -49,13 +49,14 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, config: dic
   steps = sorted(mngr.all_steps(), reverse=True)
   skipped = []
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state)
+  defaults = config_lib.base_config().to_dict()  # fields a later version added are compatible at these
   for step in steps:
     try:
       meta = restore_meta(mngr, step)
     except Exception as e:  # pylint: disable=broad-except  (any unreadable file: orbax raises many kinds)
       skipped.append((step, e))
       continue
-    diff = config_lib.incompatible_fields(meta["config"], config, defaults=config_lib.base_config().to_dict())
+    diff = config_lib.incompatible_fields(meta["config"], config, defaults=defaults)
     if diff:
       raise ResumeError(
           f"refusing to resume from {mngr.directory} (step {step}): the config changed in a way that "
